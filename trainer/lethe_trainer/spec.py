@@ -1,0 +1,452 @@
+"""Parse and validate the two Lethe resources: ModelLineage and UnlearnRequest.
+
+The same YAML runs on a cluster (applied with kubectl, reconciled by the
+operator) and locally (read by ``lethe run``). This module turns a resource's
+``spec`` into typed, validated settings and is shared by the trainer, the
+local runner and the operator, so it must stay free of heavy imports.
+
+The CRD schemas under ``crds/`` reject most malformed input at the API
+server. The checks here repeat them, and add the cross-field rules that
+clusters without CEL support ignore, so that a request is rejected with the
+same message on every path. Every error names the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+API_GROUP = "lethe.dev"
+API_VERSION = f"{API_GROUP}/v1alpha1"
+LINEAGE_KIND = "ModelLineage"
+REQUEST_KIND = "UnlearnRequest"
+
+# Methods the trainer implements. The names are the CRD enum values.
+METHODS = ("SSU", "TaskVector")
+ON_FAILURE_POLICIES = ("Halt", "Continue")
+
+# file:// and s3:// are the storage schemes; demo: names a source listed in
+# the demo catalogue, fetched from a package registry on first use.
+URI_PATTERN = re.compile(r"^(file://.+|s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|demo:[a-z0-9][a-z0-9\-]*)$")
+NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class SpecError(ValueError):
+    """A resource spec that cannot be run; the message names field, value and fix."""
+
+    def __init__(self, field: str, value: Any, problem: str, fix: str) -> None:
+        self.field = field
+        self.value = value
+        super().__init__(f"{field} {value!r} {problem}: {fix}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """How every model of a lineage is scored; fixed for the lineage so figures compare."""
+
+    seed: int = 1234
+    forget_chunks: int = 24  # chunks of the forgotten work scored per step (D_f)
+    previous_chunks: int = 24  # chunks sampled across earlier works (D_prev)
+    retain_chunks: int = 24  # chunks of never-forgotten works (D_nor)
+    prompt_tokens: int = 100
+    continuation_tokens: int = 100
+    max_new_tokens: int = 100
+    temperature: float = 0.4
+    top_p: float = 0.6
+    batch_size: int = 8
+    perplexity_tokens: int = 4096  # held-out tokens scored for perplexity
+    mmlu_uri: str | None = None
+    mmlu_questions: int = 100
+    bootstrap_samples: int = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class CollapseGuard:
+    """Thresholds under which a step's model counts as collapsed and is never promoted."""
+
+    max_perplexity_ratio: float = 3.0  # held-out perplexity / vanilla perplexity
+    min_retain_rouge_fraction: float = 0.7  # D_nor ROUGE-L / vanilla D_nor ROUGE-L
+    min_accuracy_fraction: float = 0.8  # MMLU accuracy / vanilla accuracy
+
+
+@dataclasses.dataclass(frozen=True)
+class Preparation:
+    """Fine-tuning that makes the vanilla model memorise works before unlearning starts.
+
+    A small base model has not memorised any book, so unlearning it would
+    prove nothing; the demo first teaches it the works, as the SSU authors did.
+    """
+
+    works: tuple[str, ...]
+    chunks_per_work: int = 16
+    epochs: int = 8
+    learning_rate: float = 1e-3
+    batch_size: int = 4
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # Weight of a KL term that keeps the output distribution on retain text
+    # close to the base model's while memorising; 0 disables it.
+    retain_kl_weight: float = 0.0
+    reference: bool = True  # also prepare a model without the forget works
+
+
+@dataclasses.dataclass(frozen=True)
+class LineageSpec:
+    name: str
+    namespace: str
+    base_model_uri: str
+    store_uri: str | None
+    retain_uris: tuple[str, ...]
+    held_out_uri: str | None
+    evaluation: Evaluation
+    collapse_guard: CollapseGuard
+    preparation: Preparation | None
+    on_failure: str = "Halt"
+    history_limit: int = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """One unlearning method and its hyperparameters (SSU defaults)."""
+
+    name: str = "SSU"
+    learning_rate: float = 1e-3
+    epochs: int = 1
+    batch_size: int = 2
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    forget_weight: float = 1.0  # eps1: weight of CE on the chunk's own continuation
+    random_label_weight: float = 1.0  # eps2: weight of CE on another chunk's continuation
+    saliency_std: float = 1.0  # k: threshold = mean(|g|) + k * std(|g|)
+    negation_scale: float = 1.0  # lambda: theta_t = theta_(t-1) - lambda * tau
+    max_chunks: int | None = None  # cap on training chunks of the work; None trains on all
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
+
+    @property
+    def uses_random_labels(self) -> bool:
+        return self.name == "SSU"
+
+    @property
+    def uses_saliency_mask(self) -> bool:
+        return self.name == "SSU"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """Kubernetes Job settings; ignored by the local runner."""
+
+    image: str | None = None
+    gpus: int = 1
+    resources: Mapping[str, Any] | None = None
+    node_selector: Mapping[str, str] | None = None
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+    affinity: Mapping[str, Any] | None = None
+    image_pull_secrets: tuple[str, ...] = ()
+    service_account_name: str | None = None
+    active_deadline_seconds: int | None = None
+    backoff_limit: int = 2
+    ttl_seconds_after_finished: int | None = None
+    queue_name: str | None = None
+    credentials_secret: str | None = None
+    env: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestSpec:
+    name: str
+    namespace: str
+    lineage: str
+    forget_uri: str
+    forget_title: str | None
+    method: MethodSpec
+    job: JobSpec
+    suspend: bool = False
+    dry_run: bool = False
+    creation_timestamp: str | None = None
+
+
+# ---------------------------------------------------------------------------
+# Field readers. Each takes the dotted path so errors can name the field.
+
+
+def _get(spec: Mapping[str, Any], path: str, key: str) -> Any:
+    if not isinstance(spec, Mapping):
+        raise SpecError(path, spec, "is not an object", "write it as a YAML mapping")
+    return spec.get(key)
+
+
+def _number(value: Any, field: str, *, default: float | None, positive: bool = False,
+            minimum: float | None = None, maximum: float | None = None, integer: bool = False) -> Any:
+    if value is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
+        raise SpecError(field, value, f"is not {kind}", f"set {kind}")
+    if positive and value <= 0:
+        raise SpecError(field, value, "must be positive", f"set {kind} greater than 0")
+    if minimum is not None and value < minimum:
+        raise SpecError(field, value, f"is below the minimum {minimum}", f"set a value of at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise SpecError(field, value, f"is above the maximum {maximum}", f"set a value of at most {maximum}")
+    return int(value) if integer else float(value)
+
+
+def _uri(value: Any, field: str, *, required: bool) -> str | None:
+    if value is None:
+        if required:
+            raise SpecError(field, value, "is missing", "set a URI such as s3://BUCKET/KEY, file:///PATH or demo:NAME")
+        return None
+    if not isinstance(value, str) or not URI_PATTERN.match(value) or "/../" in value or value.endswith("/.."):
+        raise SpecError(field, value, "is not a valid URI", "expected s3://BUCKET/KEY, file:///PATH or demo:NAME")
+    return value
+
+
+def _string_list(value: Any, field: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    if value is None:
+        return default
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise SpecError(field, value, "is not a non-empty list of strings", "write a YAML list such as [q_proj, v_proj]")
+    return tuple(value)
+
+
+def _uri_list(value: Any, field: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise SpecError(field, value, "is not a list", "write a YAML list of objects with a uri field")
+    uris = []
+    for index, item in enumerate(value):
+        uri = item.get("uri") if isinstance(item, Mapping) else item
+        uris.append(_uri(uri, f"{field}[{index}].uri", required=True))
+    return tuple(uris)
+
+
+def _name(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not NAME_PATTERN.match(value) or len(value) > 63:
+        raise SpecError(field, value, "is not a valid name",
+                        "use at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit")
+    return value
+
+
+def _enum(value: Any, field: str, allowed: Iterable[str], default: str) -> str:
+    if value is None:
+        return default
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise SpecError(field, value, "is not supported", f"use one of {', '.join(allowed)}")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Resources.
+
+
+def parse_evaluation(spec: Mapping[str, Any] | None, field: str = "spec.evaluation") -> Evaluation:
+    spec = spec or {}
+    default = Evaluation()
+
+    def count(key: str, *, minimum: int = 1) -> int:
+        return _number(_get(spec, field, key), f"{field}.{key}", default=getattr(default, _snake(key)),
+                       minimum=minimum, integer=True)
+
+    mmlu = _get(spec, field, "mmlu") or {}
+    return Evaluation(
+        seed=count("seed", minimum=0),
+        forget_chunks=count("forgetChunks"),
+        previous_chunks=count("previousChunks"),
+        retain_chunks=count("retainChunks"),
+        prompt_tokens=count("promptTokens"),
+        continuation_tokens=count("continuationTokens"),
+        max_new_tokens=count("maxNewTokens"),
+        temperature=_number(spec.get("temperature"), f"{field}.temperature", default=default.temperature, positive=True),
+        top_p=_number(spec.get("topP"), f"{field}.topP", default=default.top_p, positive=True, maximum=1.0),
+        batch_size=count("batchSize"),
+        perplexity_tokens=count("perplexityTokens", minimum=16),
+        mmlu_uri=_uri(_get(mmlu, f"{field}.mmlu", "uri"), f"{field}.mmlu.uri", required=False),
+        mmlu_questions=_number(mmlu.get("questions"), f"{field}.mmlu.questions", default=default.mmlu_questions,
+                               minimum=1, integer=True),
+        bootstrap_samples=count("bootstrapSamples", minimum=100),
+    )
+
+
+def parse_lineage(resource: Mapping[str, Any]) -> LineageSpec:
+    """Validate a ModelLineage resource and return its settings."""
+    _check_kind(resource, LINEAGE_KIND)
+    metadata = resource.get("metadata") or {}
+    spec = resource.get("spec")
+    if not isinstance(spec, Mapping):
+        raise SpecError("spec", spec, "is missing", "add a spec with at least baseModel.uri")
+
+    guard_spec = _get(spec, "spec", "collapseGuard") or {}
+    guard_default = CollapseGuard()
+    guard = CollapseGuard(
+        max_perplexity_ratio=_number(guard_spec.get("maxPerplexityRatio"), "spec.collapseGuard.maxPerplexityRatio",
+                                     default=guard_default.max_perplexity_ratio, minimum=1.0),
+        min_retain_rouge_fraction=_number(guard_spec.get("minRetainRougeFraction"),
+                                          "spec.collapseGuard.minRetainRougeFraction",
+                                          default=guard_default.min_retain_rouge_fraction, minimum=0.0, maximum=1.0),
+        min_accuracy_fraction=_number(guard_spec.get("minAccuracyFraction"), "spec.collapseGuard.minAccuracyFraction",
+                                      default=guard_default.min_accuracy_fraction, minimum=0.0, maximum=1.0),
+    )
+
+    return LineageSpec(
+        name=_name(metadata.get("name"), "metadata.name"),
+        namespace=_name(metadata.get("namespace") or "default", "metadata.namespace"),
+        base_model_uri=_uri(_get(_get(spec, "spec", "baseModel") or {}, "spec.baseModel", "uri"),
+                            "spec.baseModel.uri", required=True),
+        store_uri=_uri(_get(_get(spec, "spec", "store") or {}, "spec.store", "uri"), "spec.store.uri", required=False),
+        retain_uris=_uri_list(_get(_get(spec, "spec", "retain") or {}, "spec.retain", "works"), "spec.retain.works"),
+        held_out_uri=_uri(_get(_get(spec, "spec", "heldOut") or {}, "spec.heldOut", "uri"), "spec.heldOut.uri",
+                          required=False),
+        evaluation=parse_evaluation(spec.get("evaluation")),
+        collapse_guard=guard,
+        preparation=_parse_preparation(spec.get("preparation")),
+        on_failure=_enum(spec.get("onFailure"), "spec.onFailure", ON_FAILURE_POLICIES, "Halt"),
+        history_limit=_number(spec.get("historyLimit"), "spec.historyLimit", default=100, minimum=1, integer=True),
+    )
+
+
+def _parse_preparation(spec: Mapping[str, Any] | None) -> Preparation | None:
+    if spec is None:
+        return None
+    field = "spec.preparation"
+    works = _uri_list(_get(spec, field, "works"), f"{field}.works")
+    if not works:
+        raise SpecError(f"{field}.works", spec.get("works"), "is empty",
+                        "list the works the vanilla model must memorise, or remove spec.preparation")
+    default = Preparation(works=works)
+    return Preparation(
+        works=works,
+        chunks_per_work=_number(spec.get("chunksPerWork"), f"{field}.chunksPerWork",
+                                default=default.chunks_per_work, minimum=1, integer=True),
+        epochs=_number(spec.get("epochs"), f"{field}.epochs", default=default.epochs, minimum=1, integer=True),
+        learning_rate=_number(spec.get("learningRate"), f"{field}.learningRate", default=default.learning_rate,
+                              positive=True, maximum=1.0),
+        batch_size=_number(spec.get("batchSize"), f"{field}.batchSize", default=default.batch_size,
+                           minimum=1, integer=True),
+        lora_rank=_number(spec.get("loraRank"), f"{field}.loraRank", default=default.lora_rank,
+                          minimum=1, integer=True),
+        lora_alpha=_number(spec.get("loraAlpha"), f"{field}.loraAlpha", default=default.lora_alpha,
+                           minimum=1, integer=True),
+        target_modules=_string_list(spec.get("targetModules"), f"{field}.targetModules", default.target_modules),
+        retain_kl_weight=_number(spec.get("retainKlWeight"), f"{field}.retainKlWeight",
+                                 default=default.retain_kl_weight, minimum=0.0),
+        reference=bool(spec.get("reference", default.reference)),
+    )
+
+
+def parse_method(spec: Mapping[str, Any] | None, field: str = "spec.method") -> MethodSpec:
+    spec = spec or {}
+    if not isinstance(spec, Mapping):
+        raise SpecError(field, spec, "is not an object", "write it as a YAML mapping with at least a name")
+    default = MethodSpec()
+    max_chunks = spec.get("maxChunks")
+    method = MethodSpec(
+        name=_enum(spec.get("name"), f"{field}.name", METHODS, default.name),
+        learning_rate=_number(spec.get("learningRate"), f"{field}.learningRate", default=default.learning_rate,
+                              positive=True, maximum=1.0),
+        epochs=_number(spec.get("epochs"), f"{field}.epochs", default=default.epochs, minimum=1, integer=True),
+        batch_size=_number(spec.get("batchSize"), f"{field}.batchSize", default=default.batch_size,
+                           minimum=1, integer=True),
+        lora_rank=_number(spec.get("loraRank"), f"{field}.loraRank", default=default.lora_rank, minimum=1,
+                          integer=True),
+        lora_alpha=_number(spec.get("loraAlpha"), f"{field}.loraAlpha", default=default.lora_alpha, minimum=1,
+                           integer=True),
+        target_modules=_string_list(spec.get("targetModules"), f"{field}.targetModules", default.target_modules),
+        forget_weight=_number(spec.get("forgetWeight"), f"{field}.forgetWeight", default=default.forget_weight,
+                              minimum=0.0),
+        random_label_weight=_number(spec.get("randomLabelWeight"), f"{field}.randomLabelWeight",
+                                    default=default.random_label_weight, minimum=0.0),
+        saliency_std=_number(spec.get("saliencyStd"), f"{field}.saliencyStd", default=default.saliency_std,
+                             minimum=0.0),
+        negation_scale=_number(spec.get("negationScale"), f"{field}.negationScale", default=default.negation_scale,
+                               positive=True),
+        max_chunks=None if max_chunks is None else _number(max_chunks, f"{field}.maxChunks", default=None,
+                                                           minimum=2, integer=True),
+        seed=_number(spec.get("seed"), f"{field}.seed", default=default.seed, minimum=0, integer=True),
+        device=_device(spec.get("device"), f"{field}.device"),
+    )
+    if method.forget_weight == 0 and (method.random_label_weight == 0 or not method.uses_random_labels):
+        raise SpecError(f"{field}.forgetWeight", method.forget_weight, "leaves the loss empty",
+                        "set forgetWeight or randomLabelWeight above 0")
+    return method
+
+
+def _device(value: Any, field: str) -> str:
+    if value is None:
+        return "auto"
+    if not isinstance(value, str) or not re.match(r"^(auto|cpu|cuda(:\d+)?)$", value):
+        raise SpecError(field, value, "is not a supported device", "use auto, cpu, cuda or cuda:N")
+    return value
+
+
+def parse_job(spec: Mapping[str, Any] | None, field: str = "spec.job") -> JobSpec:
+    spec = spec or {}
+    if not isinstance(spec, Mapping):
+        raise SpecError(field, spec, "is not an object", "write it as a YAML mapping")
+    pull_secrets = spec.get("imagePullSecrets") or []
+    return JobSpec(
+        image=spec.get("image"),
+        gpus=_number(spec.get("gpus"), f"{field}.gpus", default=1, minimum=0, integer=True),
+        resources=spec.get("resources"),
+        node_selector=spec.get("nodeSelector"),
+        tolerations=tuple(spec.get("tolerations") or ()),
+        affinity=spec.get("affinity"),
+        image_pull_secrets=tuple(s["name"] if isinstance(s, Mapping) else s for s in pull_secrets),
+        service_account_name=spec.get("serviceAccountName"),
+        active_deadline_seconds=_number(spec.get("activeDeadlineSeconds"), f"{field}.activeDeadlineSeconds",
+                                        default=None, minimum=1, integer=True),
+        backoff_limit=_number(spec.get("backoffLimit"), f"{field}.backoffLimit", default=2, minimum=0,
+                              maximum=20, integer=True),
+        ttl_seconds_after_finished=_number(spec.get("ttlSecondsAfterFinished"), f"{field}.ttlSecondsAfterFinished",
+                                           default=None, minimum=0, integer=True),
+        queue_name=spec.get("queueName"),
+        credentials_secret=spec.get("credentialsSecret"),
+        env=tuple(spec.get("env") or ()),
+    )
+
+
+def parse_request(resource: Mapping[str, Any]) -> RequestSpec:
+    """Validate an UnlearnRequest resource and return its settings."""
+    _check_kind(resource, REQUEST_KIND)
+    metadata = resource.get("metadata") or {}
+    spec = resource.get("spec")
+    if not isinstance(spec, Mapping):
+        raise SpecError("spec", spec, "is missing", "add a spec with lineageRef.name and forget.uri")
+
+    lineage_ref = spec.get("lineageRef") or {}
+    forget = spec.get("forget") or {}
+    if not isinstance(lineage_ref, Mapping):
+        raise SpecError("spec.lineageRef", lineage_ref, "is not an object", "write lineageRef: {name: LINEAGE}")
+    if not isinstance(forget, Mapping):
+        raise SpecError("spec.forget", forget, "is not an object", "write forget: {uri: URI}")
+    return RequestSpec(
+        name=_name(metadata.get("name"), "metadata.name"),
+        namespace=_name(metadata.get("namespace") or "default", "metadata.namespace"),
+        lineage=_name(lineage_ref.get("name"), "spec.lineageRef.name"),
+        forget_uri=_uri(forget.get("uri"), "spec.forget.uri", required=True),
+        forget_title=forget.get("title"),
+        method=parse_method(spec.get("method")),
+        job=parse_job(spec.get("job")),
+        suspend=bool(spec.get("suspend", False)),
+        dry_run=bool(spec.get("dryRun", False)),
+        creation_timestamp=metadata.get("creationTimestamp"),
+    )
+
+
+def _check_kind(resource: Any, kind: str) -> None:
+    if not isinstance(resource, Mapping):
+        raise SpecError("resource", resource, "is not an object", f"write a {kind} as a YAML mapping")
+    if resource.get("kind") != kind:
+        raise SpecError("kind", resource.get("kind"), f"is not {kind}", f"set kind: {kind}")
+    if resource.get("apiVersion") != API_VERSION:
+        raise SpecError("apiVersion", resource.get("apiVersion"), "is not supported", f"set apiVersion: {API_VERSION}")
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
