@@ -36,10 +36,18 @@ NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 class SpecError(ValueError):
     """A resource spec that cannot be run; the message names field, value and fix."""
 
-    def __init__(self, field: str, value: Any, problem: str, fix: str) -> None:
+    def __init__(self, field: str, value: Any, problem: str, fix: str, *, resource: str | None = None) -> None:
         self.field = field
         self.value = value
-        super().__init__(f"{field} {value!r} {problem}: {fix}")
+        self.problem = problem
+        self.fix = fix
+        self.resource = resource
+        prefix = f"{resource}: " if resource else ""
+        super().__init__(f"{prefix}{field} {value!r} {problem}: {fix}")
+
+    def within(self, resource: str) -> "SpecError":
+        """Return the same error, prefixed with the resource it was found in (such as "UnlearnRequest a")."""
+        return SpecError(self.field, self.value, self.problem, self.fix, resource=resource)
 
 
 @dataclasses.dataclass(frozen=True)
