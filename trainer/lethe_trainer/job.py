@@ -2,12 +2,18 @@
 
     lethe-trainer init --lineage LINEAGE --store URI
     lethe-trainer step --lineage LINEAGE --request REQUEST --store URI --step-id ID --sequence N [--parent-step-id ID]
+                       [--pushgateway-url URL]
 
 LINEAGE and REQUEST are the resources as a YAML/JSON file path or as inline
 JSON. The full results go to the store; a one-line JSON summary goes to the
 termination message file (``$LETHE_TERMINATION_LOG``, else
 ``/dev/termination-log`` when it is writable), where Kubernetes shows it in
 the pod status.
+
+A step logs its per-optimizer-step metrics and, when a Pushgateway is
+configured (``--pushgateway-url`` or ``$LETHE_PUSHGATEWAY_URL``), pushes them
+and the final evaluation figures there (see ``metrics``); a failed push never
+changes the exit code.
 
 Exit codes: 0 success, 2 invalid input (retrying cannot help), 1 any other
 failure (a retry may succeed).
@@ -25,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from .metrics import PUSHGATEWAY_URL_ENV, TrainerMetrics, pushgateway_url_from_environment
 from .spec import SpecError, parse_lineage, parse_request
 
 logger = logging.getLogger("lethe_trainer.job")
@@ -68,15 +75,6 @@ def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _metrics_logger(request_name: str):
-    def log(metrics: dict[str, Any]) -> None:
-        logger.info("step %d/%d of %s: loss %.4f mask density %s grad norm %.3g eta %.0fs",
-                    metrics["step"], metrics["total_steps"], request_name, metrics["loss"],
-                    f"{metrics['mask_density']:.4f}" if "mask_density" in metrics else "n/a",
-                    metrics["grad_norm"], metrics["eta_seconds"])
-    return log
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lethe-trainer", description="Run one piece of trainer work.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     step.add_argument("--step-id", required=True, help="id the step is committed under")
     step.add_argument("--sequence", type=int, required=True, help="position of the step in its chain, from 1")
     step.add_argument("--parent-step-id", default=None, help="step this one starts from; omit for theta_0")
+    step.add_argument("--pushgateway-url", default=pushgateway_url_from_environment(),
+                      help=f"Prometheus Pushgateway to push step metrics to, as http://HOST:PORT "
+                           f"(default: ${PUSHGATEWAY_URL_ENV}; unset: metrics are only logged)")
     return parser.parse_args(argv)
 
 
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     from .step import StepPlan, initialise_lineage, run_step
     from .store import StoreError, open_lineage_store
 
+    telemetry: TrainerMetrics | None = None
+    result = "Failed"
     try:
         lineage = parse_lineage(load_resource(args.lineage))
         store = open_lineage_store(args.store, namespace=lineage.namespace, lineage=lineage.name,
@@ -112,23 +115,35 @@ def main(argv: list[str] | None = None) -> int:
             write_termination_message({"result": "Initialised", "checkpointSha256": base["objects"]["checkpoint"]["sha256"]})
             return 0
         request = parse_request(load_resource(args.request))
+        telemetry = TrainerMetrics(namespace=request.namespace, lineage=request.lineage, request=request.name,
+                                   method=request.method.name, sequence=args.sequence,
+                                   pushgateway_url=args.pushgateway_url)
+        telemetry.start()
         plan = StepPlan(step_id=args.step_id, sequence=args.sequence, parent_step_id=args.parent_step_id)
         manifest = run_step(lineage, request, store, plan, show_progress=not args.no_progress,
-                            on_metrics=_metrics_logger(request.name))
+                            on_metrics=telemetry.record_step)
+        telemetry.record_figures(manifest.get("figures") or {})
         write_termination_message(_summary(manifest))
+        result = "Committed"
         return 0
     except SpecError as error:
         logger.error("Invalid input: %s", error)
         write_termination_message({"result": "InvalidInput", "message": str(error)})
+        result = "InvalidInput"
         return EXIT_INVALID_INPUT
     except StoreError as error:
         logger.error("Store failed: %s", error)
         write_termination_message({"result": "StoreFailed", "message": str(error)})
+        result = "StoreFailed"
         return EXIT_FAILED
     except Exception as error:  # noqa: BLE001 - the pod must always leave a message behind
         logger.exception("Trainer failed")
         write_termination_message({"result": "Failed", "message": f"{type(error).__name__}: {error}"})
         return EXIT_FAILED
+    finally:
+        # After the termination message, so a slow Pushgateway cannot delay the step's result.
+        if telemetry is not None:
+            telemetry.finish(result=result)
 
 
 if __name__ == "__main__":
