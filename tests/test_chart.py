@@ -1,11 +1,11 @@
 """The Helm chart: lint, rendering, the values schema, and an install into the loopback API server.
 
 Rendering tests run helm only. The `cluster` tests install the chart into the
-control plane from tests/support (kube-apiserver v1.20, no kubelet, so the
-operator Deployment never gets Pods), dry-run the cluster examples against the
-installed CRDs, and run the operator as a local process with the token of the
-chart's ServiceAccount to show that the chart's RBAC is enough for one request
-and denies what the chart does not grant.
+control plane from tests/support: kube-apiserver v1.20 with no kubelet, so the
+operator Deployment never gets Pods. They dry-run the cluster examples against
+the installed CRDs. They also run the operator as a local process with the
+token of the chart's ServiceAccount, to show that the chart's RBAC is enough
+for one request and denies what the chart does not grant.
 
 Against the v1.20 API server, helm and kubectl validate manifests with the
 server's OpenAPI document, which does not know `x-kubernetes-validations`, the
@@ -70,7 +70,7 @@ def container_env(deployment: dict[str, Any]) -> dict[str, str]:
     return {item["name"]: item.get("value", "") for item in container.get("env", [])}
 
 
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60.0) -> Any:
+def wait_for(description: str, probe: Callable[[], Any], timeout: float = 60.0) -> Any:
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -78,7 +78,7 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60.0) -> Any:
         if last:
             return last
         time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last value: {last!r}")
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {description}; last value: {last!r}")
 
 
 # --------------------------------------------------------------- generation
@@ -259,6 +259,16 @@ def test_notes_name_first_request() -> None:
     result = helm("install", "lethe", str(CHART), "--dry-run=client", "--namespace", "lethe-system")
     assert "kubectl apply -f examples/cluster/request-1.yaml" in result.stdout
     assert "helm test lethe -n lethe-system" in result.stdout
+
+
+def test_notes_warn_of_unread_trainer_values() -> None:
+    plain = helm("install", "lethe", str(CHART), "--dry-run=client", "--namespace", "lethe-system")
+    assert "does not read these values yet" not in plain.stdout
+
+    custom = helm("install", "lethe", str(CHART), "--dry-run=client", "--namespace", "lethe-system",
+                  "--values", str(CHART / "ci" / "custom-trainer-values.yaml"))
+    assert "does not read these values yet" in custom.stdout
+    assert "trainer.nodeSelector, trainer.tolerations" in custom.stdout
 
 
 # ------------------------------------------------------------------ schema
@@ -484,7 +494,7 @@ def operator_run(release: Release, kube_api: Any, tmp_path: Path) -> Iterator[di
         "KUBECONFIG": str(kubeconfig),
         "LETHE_METRICS_PORT": str(metrics_port),
         "LETHE_METRICS_ADDRESS": "127.0.0.1",
-        # The chart's default store is empty; a local directory stands in for S3.
+        # The chart's default store is empty, and a local directory replaces S3 here.
         "LETHE_STORE_URI": store.as_uri(),
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
     })
@@ -598,7 +608,7 @@ def test_chart_rbac_runs_one_request(release: Release, operator_run: dict[str, A
 
     assert wait_for("the operator's JobCreated Event", lambda: "JobCreated" in event_reasons(), timeout=30)
 
-    # The liveness probe of the chart's Deployment asks this endpoint.
+    # The liveness probe of the chart's Deployment probes this endpoint.
     liveness = f"http://127.0.0.1:{operator_run['liveness_port']}/healthz"
     with urllib.request.urlopen(liveness, timeout=5) as response:
         assert response.status == 200
