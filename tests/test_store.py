@@ -19,7 +19,7 @@ from lethe_trainer import taskvector
 from lethe_trainer.store import (ConflictError, IntegrityError, ObjectRef, StoreError, open_lineage_store,
                                  parse_store_uri)
 from lethe_trainer.store.cli import main as store_cli
-from support.seaweedfs import SeaweedFS, s3_credentials, seaweedfs  # noqa: F401 - pytest fixtures
+from tests.support.seaweedfs import SeaweedFS, s3_credentials, seaweedfs  # noqa: F401 - pytest fixtures
 
 TRAINER_ROOT = Path(__file__).resolve().parents[1] / "trainer"
 SHAPES = {  # (out, in) of the weights the task vectors touch, plus one they never touch

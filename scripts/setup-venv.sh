@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create ./.venv and install Lethe into it with the extras named as arguments
+# (for example: trainer, or trainer operator test). Safe to run again.
+#
+# torch is pinned to the CPU build of 2.13.0, which pip takes from this
+# machine kind's local wheel cache when it has one, and from PyPI otherwise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=$(IFS=,; echo "$*")
+if [[ ! -x .venv/bin/python ]]; then
+    python3.11 -m venv .venv 2>/dev/null || python3 -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[${extras}]"
