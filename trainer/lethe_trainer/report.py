@@ -104,20 +104,20 @@ def plot_trajectory(base: dict[str, Any], manifests: Sequence[dict[str, Any]], p
                 highs.append(entry["rougeL"]["ci_high"])
         return lows, highs, xs
 
-    lines = {
-        "D_f before step": series("forget_before"),
-        "D_f after step": series("forget"),
-        "D_prev": series("previous"),
-        "D_nor": series("retain", _mean(vanilla, "retain", "rougeL")),
-    }
-    for label, values in lines.items():
+    lines = [
+        ("D_f before step", series("forget_before"), None, "tab:gray"),
+        ("D_f after step", series("forget"), "forget", "tab:blue"),
+        ("D_prev", series("previous"), "previous", "tab:orange"),
+        ("D_nor", series("retain", _mean(vanilla, "retain", "rougeL")), "retain", "tab:green"),
+    ]
+    for label, values, set_name, color in lines:
         xs = [x for x, v in zip(steps, values) if v is not None]
         ys = [v for v in values if v is not None]
-        rouge_axis.plot(xs, ys, marker="o", label=label)
-    for set_name in ("forget", "previous", "retain"):
-        lows, highs, xs = interval(set_name)
-        if xs:
-            rouge_axis.fill_between(xs, lows, highs, alpha=0.15)
+        rouge_axis.plot(xs, ys, marker="o", label=label, color=color, linestyle="--" if set_name is None else "-")
+        if set_name is not None:
+            lows, highs, interval_steps = interval(set_name)
+            if interval_steps:
+                rouge_axis.fill_between(interval_steps, lows, highs, alpha=0.15, color=color)
     rouge_axis.set_xlabel("step")
     rouge_axis.set_ylabel("ROUGE-L F1 (95% CI shaded)")
     rouge_axis.set_xticks(steps)
