@@ -6,10 +6,10 @@ gets its own namespace, a file:// store in a temporary directory and the
 tiny random Llama model from tests/support/tiny_model.py.
 
 One test runs the real ``lethe-trainer`` end to end. The others test the
-operator's own behaviour (gating, restarts, deletion, failures, collapse),
-where the trainer is not the point, so their Jobs run a stand-in trainer
-(``STAND_IN_TRAINER`` below): it commits a step with fixed figures through
-the real store code, and its spec.job.env picks its behaviour.
+operator's own behaviour: gating, restarts, deletion, failures and collapse.
+The trainer is not the point there, so their Jobs run a stand-in trainer
+(``STAND_IN_TRAINER`` below). It commits a step with fixed figures through
+the real store code, and the request's spec.job.env selects its behaviour.
 
 The apply-to-Job latency (creating a request on an idle lineage until its
 Job exists) is printed, not asserted; run with ``-s`` to see it.

@@ -162,7 +162,7 @@ def request_phase(conditions: Sequence[Mapping[str, Any]] | None) -> str:
 
 
 def lineage_phase(conditions: Sequence[Mapping[str, Any]] | None, *, active_request: str | None) -> str:
-    """Derive a lineage's phase from its conditions and whether a request holds its gate."""
+    """Derive a lineage's phase from its conditions and whether a request has claimed its gate."""
     if condition_is(conditions, VALIDATED, "False"):
         return "Invalid"
     if condition_is(conditions, HALTED):
@@ -178,7 +178,7 @@ def lineage_phase(conditions: Sequence[Mapping[str, Any]] | None, *, active_requ
 
 
 def is_finished(request: Mapping[str, Any]) -> bool:
-    """Whether a request reached Succeeded or Failed; such a request never runs again."""
+    """Return whether a request reached Succeeded or Failed; such a request never runs again."""
     conditions = (request.get("status") or {}).get("conditions")
     return condition_is(conditions, SUCCEEDED) or condition_is(conditions, FAILED)
 
@@ -189,7 +189,7 @@ def is_finished(request: Mapping[str, Any]) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-    """Whether a resource may run, with the condition reason and message that say why."""
+    """Validation result: whether a resource may run, with the condition reason and message."""
 
     ok: bool
     reason: str
@@ -257,7 +257,7 @@ def validate_request(request: Mapping[str, Any], *, lineage: Mapping[str, Any] |
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """What the gate needs to know about one request of a lineage."""
+    """One request of a lineage, as the gate sees it."""
 
     name: str
     uid: str
@@ -269,7 +269,7 @@ class Candidate:
 
     @property
     def waiting(self) -> bool:
-        """Whether the request waits for the gate (it is neither done, invalid, suspended nor a dry run)."""
+        """Return whether the request waits for the gate: not finished, valid, not suspended and not a dry run."""
         return self.valid and not self.finished and not self.suspended and not self.dry_run
 
 
@@ -288,7 +288,7 @@ def gate_queue(candidates: Iterable[Candidate], *, active: str | None = None) ->
 
 @dataclasses.dataclass(frozen=True)
 class GateState:
-    """Why a lineage's gate is closed, if it is; the reconciler computes it from the lineage status."""
+    """State of a lineage's gate, computed by the reconciler from the lineage status and the store."""
 
     active: str | None = None
     initialised: bool = True
@@ -332,7 +332,7 @@ def step_id(*, sequence: int, request: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class JobOutcome:
-    """What a trainer Job and its Pods show: state is Missing, Pending, Running, Succeeded or Failed."""
+    """Summary of a trainer Job and its Pods; state is Missing, Pending, Running, Succeeded or Failed."""
 
     state: str
     message: str = ""
@@ -474,7 +474,7 @@ def head_status(head: Mapping[str, Any] | None, manifest: Mapping[str, Any] | No
 
 
 def halts_lineage(*, failure_reason: str, on_failure: str) -> bool:
-    """Whether a request's failure halts its lineage: a collapse always does, other failures per spec.onFailure."""
+    """Return whether a failure halts the lineage: a collapse always does, other failures per spec.onFailure."""
     return failure_reason == "Collapsed" or on_failure == "Halt"
 
 

@@ -1,9 +1,9 @@
 """kopf handlers: translate Kubernetes events into reconciles of the lineage concerned.
 
 Every change to a ModelLineage, an UnlearnRequest or a Job the operator
-created pokes ``LineageReconciler`` for the lineage it belongs to; the
-reconciler reads the current state and decides (see ``reconcile.py`` and
-``decisions.py``). The spec handlers only reject invalid specs with
+created pokes ``LineageReconciler`` for the lineage it belongs to. The
+reconciler reads the current state and decides what to do (see
+``reconcile.py`` and ``decisions.py``). The spec handlers only reject invalid specs with
 ``kopf.PermanentError``, so that kopf records the failure and does not retry
 it; the Validated condition itself is written by the reconciler.
 
@@ -72,7 +72,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
 
 @kopf.index(API_GROUP, API_VERSION, LINEAGE_PLURAL)
 def lineage_namespaces(name: str, namespace: str, **_: Any) -> dict[str, str]:
-    """Index the watched lineages by name, so that LineageNotFound can say where one of that name is."""
+    """Index the watched lineages by name, so that a LineageNotFound message can name the namespaces that have one."""
     return {name: namespace}
 
 

@@ -2,9 +2,9 @@
 
 The builders are pure: they take resources as dicts and return a Job as a
 dict, ready for the API server or for ``status.renderedJob`` of a dry run.
-Job names are deterministic (request name plus a hash of its uid), so an
-operator that restarts after creating a Job finds it again, and a create
-answered with 409 AlreadyExists means the Job is already there.
+Job names are deterministic (request name plus a hash of its uid). An
+operator that restarts after creating a Job finds it again, and 409
+AlreadyExists on create means the Job is already there.
 
 Not promised: that the Job's Pod can run. Image, Secrets, ServiceAccount and
 GPU capacity are checked by the cluster, and their errors show in the Job.

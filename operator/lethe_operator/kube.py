@@ -1,7 +1,7 @@
 """The few Kubernetes API calls the reconciler makes, as async functions on plain dicts.
 
-The official ``kubernetes`` client is synchronous; each call runs in a worker
-thread so that kopf's event loop never blocks. Objects go in and come out as
+The official ``kubernetes`` client is synchronous, so each call runs in a
+worker thread and kopf's event loop does not wait on it. Objects go in and come out as
 the JSON dicts the API server uses (camelCase), not as generated models.
 
 Errors: 404 becomes ``None`` (or ``NotFound`` for writes), 409 becomes
@@ -26,11 +26,11 @@ logger = logging.getLogger(__name__)
 
 
 class Conflict(Exception):
-    """The API server answered 409: the object changed since it was read, or already exists."""
+    """The API server returned 409: the object changed since it was read, or already exists."""
 
 
 class NotFound(Exception):
-    """The API server answered 404 for a write."""
+    """The API server returned 404 for a write."""
 
 
 def load_configuration() -> client.ApiClient:

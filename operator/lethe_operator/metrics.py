@@ -1,9 +1,9 @@
 """Prometheus metrics of the operator, served on the metrics port (``--metrics-port``).
 
 Every name starts with ``lethe_``. Labels are the lineage's ``namespace`` and
-``lineage``, the unlearning ``method`` and a ``result``; a few metrics add one
+``lineage``, the unlearning ``method`` and a ``result``. A few metrics add one
 label from a small fixed set (``phase``, ``handler``, ``version``). No series
-carries a request name, because requests are many and short-lived; per-request
+has a request name, because requests are many and short-lived. Per-request
 figures are in the request's status and in the store.
 
 The gauges describe the state the last reconcile of each lineage saw; they are

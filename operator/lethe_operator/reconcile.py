@@ -9,12 +9,12 @@ while one is running collapse into a single follow-up run.
 
 The store is the source of truth for the model: a step is done when its
 manifest is committed, and the head moves only after the collapse guard
-passed. The lineage's ``status.activeRequest`` is the gate; it is claimed and
+passed. The lineage's ``status.activeRequest`` is the gate. It is claimed and
 released with patches guarded by the lineage's resourceVersion, so a second
-operator working from stale data gets 409 Conflict and re-reads. Order of
-writes on promotion (store head, then request status, then lineage status)
-makes every crash point resumable: a rerun finds the same state and finishes
-it without running the step again.
+operator working from stale data gets 409 Conflict and reads again. On
+promotion the writes go store head first, then request status, then lineage
+status. That order makes every crash point resumable, because a rerun finds
+the same state and finishes it without running the step again.
 
 Not promised: exactly-once Kubernetes Events or metric observations across
 operator restarts (a resumed promotion may post its Events twice).
@@ -75,7 +75,7 @@ def _event(resource: Mapping[str, Any], *, warning: bool, reason: str, message: 
         logger.debug("No kopf context to post the %s Event in", reason)
 
 
-class _Gone(Exception):
+class _LineageDeleted(Exception):
     """The lineage was deleted while it was reconciled."""
 
 
@@ -146,7 +146,7 @@ class LineageReconciler:
         run = _Run(reconciler=self, lineage=lineage, requests=requests)
         try:
             await run.execute()
-        except _Gone:
+        except _LineageDeleted:
             logger.info("ModelLineage %s/%s was deleted during its reconcile", namespace, name)
 
     async def _orphan_requests(self, requests: list[dict[str, Any]], *, namespace: str, lineage: str) -> None:
@@ -230,7 +230,8 @@ class LineageReconciler:
                                                         uid=metadata["uid"], status=changes)
         except (NotFound, Conflict):
             # Deleted, or deleted and re-created, since it was listed: the next event reconciles it.
-            logger.info("UnlearnRequest %s/%s is gone; status not written", metadata["namespace"], metadata["name"])
+            logger.info("UnlearnRequest %s/%s was deleted or re-created; its status was not written", metadata["namespace"],
+                        metadata["name"])
             return request
 
     async def write_validation(self, request: dict[str, Any], verdict: d.Verdict) -> dict[str, Any]:
@@ -258,7 +259,7 @@ class _Run:
 
     def __init__(self, *, reconciler: LineageReconciler, lineage: dict[str, Any],
                  requests: list[dict[str, Any]]) -> None:
-        self.r = reconciler
+        self.reconciler = reconciler
         self.kube = reconciler.kube
         self.settings = reconciler.settings
         self.lineage = lineage
@@ -334,7 +335,7 @@ class _Run:
                 namespace=self.namespace, name=self.name, status=changes,
                 resource_version=self.lineage["metadata"].get("resourceVersion"))
         except NotFound:
-            raise _Gone() from None
+            raise _LineageDeleted() from None
         self.status = dict(self.lineage.get("status") or {})
 
     async def _validate_lineage(self) -> bool:
@@ -348,7 +349,7 @@ class _Run:
                                     "spec.store.uri, or start the operator with --store")
         if verdict.ok:
             try:
-                self.store = await asyncio.to_thread(self.r.open_store, uri=store_uri, namespace=self.namespace,
+                self.store = await asyncio.to_thread(self.reconciler.open_store, uri=store_uri, namespace=self.namespace,
                                                      lineage=self.name)
             except StoreError as error:
                 verdict = d.Verdict(False, "StoreNotReadable", f"store {store_uri} cannot be opened: {error}")
@@ -361,8 +362,8 @@ class _Run:
         for request in self.requests.values():
             if d.is_finished(request):
                 continue
-            problem = await self.r.work_problem(request)
-            request = await self.r.write_validation(
+            problem = await self.reconciler.work_problem(request)
+            request = await self.reconciler.write_validation(
                 request, d.validate_request(request, lineage=self.lineage, work_problem=problem))
             status = request.get("status") or {}
             if not d.condition_is(status.get("conditions"), d.VALIDATED):
@@ -371,7 +372,7 @@ class _Run:
                                          reason="LineageNotReady",
                                          message=f"lineage {self.name} is not usable: {verdict.message}",
                                          generation=request["metadata"].get("generation"), now=self.now)
-            await self.r.write_request(request, conditions=conditions)
+            await self.reconciler.write_request(request, conditions=conditions)
         metrics.set_lineage_state(namespace=self.namespace, lineage=self.name, phase_counts=self._phase_counts(),
                                   queue=0, is_active=bool(self.status.get("activeRequest")), is_halted=False,
                                   is_collapsed=False)
@@ -414,9 +415,9 @@ class _Run:
             valid = False
             suspended = dry_run = False
             if not finished:
-                problem = await self.r.work_problem(request)
+                problem = await self.reconciler.work_problem(request)
                 verdict = d.validate_request(request, lineage=self.lineage, work_problem=problem)
-                request = self.requests[name] = await self.r.write_validation(request, verdict)
+                request = self.requests[name] = await self.reconciler.write_validation(request, verdict)
                 valid = verdict.ok
                 if valid:
                     spec = parse_request(request)
@@ -468,12 +469,12 @@ class _Run:
                message=f"admitted to lineage {self.name} as step {step} (sequence {sequence}) after {wait:.0f} s")
         status = request.get("status") or {}
         conditions = d.set_condition(status.get("conditions"), kind=d.GATED, status=False, reason="Admitted",
-                                     message=f"holds the gate of lineage {self.name}",
+                                     message=f"claimed the gate of lineage {self.name}",
                                      generation=request["metadata"].get("generation"), now=self.now)
         conditions = d.set_condition(conditions, kind=d.RUNNING, status=True, reason="JobPending",
                                      message=f"Job {job_name} created", generation=request["metadata"].get("generation"),
                                      now=self.now)
-        self.requests[chosen.name] = await self.r.write_request(
+        self.requests[chosen.name] = await self.reconciler.write_request(
             request, conditions=conditions, sequence=sequence, stepId=step, parentStepId=head_step, jobName=job_name,
             admittedAt=self.now, forgetUri=parse_request(request).forget_uri, lineage=self.name)
         await self._ensure_step_job(self.requests[chosen.name])
@@ -487,8 +488,8 @@ class _Run:
                 return previous
         candidate = d.step_id(sequence=sequence, request=request["metadata"]["name"])
         step, number = candidate, 1
-        # A step under that id was committed by an earlier attempt (a deleted request of the same name, or
-        # another chain after a rollback); it is not this attempt's, so take the next free id.
+        # A step committed under that id belongs to an earlier attempt: a deleted request of the same name, or
+        # another chain after a rollback. This attempt has not started yet, so it takes the next free id.
         while self.store.read_step(step) is not None:
             number += 1
             step = f"{candidate}-{number}"
@@ -530,7 +531,7 @@ class _Run:
             conditions = d.remove_condition(conditions, d.RUNNING)
             if previous is None or previous.get("reason") != reason or previous.get("status") != "True":
                 _event(request, warning=False, reason=reason, message=message)
-            self.requests[candidate.name] = await self.r.write_request(request, conditions=conditions)
+            self.requests[candidate.name] = await self.reconciler.write_request(request, conditions=conditions)
 
     async def _render_dry_runs(self, candidates: Mapping[str, d.Candidate]) -> None:
         for candidate in self._refresh(candidates).values():
@@ -555,7 +556,7 @@ class _Run:
                                          status=True, reason="DryRun", message=message, generation=generation,
                                          now=self.now)
             _event(request, warning=False, reason="DryRun", message=message)
-            self.requests[candidate.name] = await self.r.write_request(request, conditions=conditions,
+            self.requests[candidate.name] = await self.reconciler.write_request(request, conditions=conditions,
                                                                        renderedJob=job)
 
     # ------------------------------------------------------------------
@@ -636,7 +637,7 @@ class _Run:
         previous = d.find_condition(status.get("conditions"), d.RUNNING)
         if outcome.state == "Running" and (previous is None or previous.get("reason") != "JobRunning"):
             _event(request, warning=False, reason="JobRunning", message=message)
-        self.requests[request["metadata"]["name"]] = await self.r.write_request(
+        self.requests[request["metadata"]["name"]] = await self.reconciler.write_request(
             request, conditions=conditions, attempts=outcome.attempts or None, startTime=outcome.start_time)
 
     async def _conclude(self, request: dict[str, Any], manifest: dict[str, Any], outcome: d.JobOutcome) -> None:
@@ -699,7 +700,7 @@ class _Run:
             _event(request, warning=collapsed, reason=reason, message=message)
             metrics.requests_finished.labels(self.namespace, self.name, self._method(request),
                                              "collapsed" if collapsed else "promoted").inc()
-        self.requests[request["metadata"]["name"]] = await self.r.write_request(request, conditions=conditions,
+        self.requests[request["metadata"]["name"]] = await self.reconciler.write_request(request, conditions=conditions,
                                                                                **fields)
 
     async def _fail(self, request: dict[str, Any], outcome: d.JobOutcome, *, reason: str | None = None,
@@ -719,7 +720,7 @@ class _Run:
             _event(request, warning=True, reason=failure["reason"], message=failure["message"])
             metrics.requests_finished.labels(self.namespace, self.name, self._method(request), "failed").inc()
             self._observe_job(request, outcome, result="failed")
-        self.requests[request["metadata"]["name"]] = await self.r.write_request(
+        self.requests[request["metadata"]["name"]] = await self.reconciler.write_request(
             request, conditions=conditions, lastFailure=failure, attempts=outcome.attempts or None,
             completionTime=status.get("completionTime") or self.now)
 
