@@ -18,7 +18,7 @@ The saliency mask is applied once, to the gradient the optimizer uses, and no
 second backward pass adds the unmasked gradient back. Because AdamW keeps
 moments from earlier steps, a weight outside this step's mask could still
 drift; the step therefore also restores every masked-out element after the
-optimizer update, so "only salient weights move" holds at every step.
+optimizer update, so only salient weights move at every step.
 """
 
 from __future__ import annotations
@@ -203,8 +203,8 @@ def _optimizer_step(model, parameters, optimizer, method: MethodSpec, pad_id: in
     with torch.no_grad():
         for parameter, mask, previous in zip(parameters, masks, before):
             parameter.copy_(torch.where(mask, parameter, previous))
-    kept = sum(int(m.sum()) for m in masks)
-    metrics["mask_density"] = kept / sum(m.numel() for m in masks)
+    salient = sum(int(m.sum()) for m in masks)
+    metrics["mask_density"] = salient / sum(m.numel() for m in masks)
     metrics["saliency_threshold"] = threshold
     return metrics
 
@@ -234,7 +234,7 @@ def _merge_error(peft_model, vector: TaskVector) -> float:
 
     The task vector is defined as theta_ft - theta_prev. It is stored as its
     factors, which give the same tensor up to the float32 rounding of the
-    merge; this measures that rounding so every step records it.
+    merge. This measures that rounding, so every step records it.
     """
     worst = 0.0
     with torch.no_grad():
