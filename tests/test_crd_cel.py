@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from lethe_trainer.spec import METHODS, NAME_PATTERN, ON_FAILURE_POLICIES, URI_PATTERN, SpecError, parse_method
+from lethe_trainer.spec import (METHODS, NAME_PATTERN, ON_FAILURE_POLICIES, URI_PATTERN, SpecError, parse_lineage,
+                               parse_method)
 
 celpy = pytest.importorskip("celpy", reason="cel-python is not installed: pip install cel-python")
 
@@ -255,3 +256,65 @@ def test_status_keeps_no_unknown_fields_at_top(schema):
     assert "x-kubernetes-preserve-unknown-fields" not in status
     assert "conditions" in status["properties"]
     assert "phase" in status["properties"]
+
+
+# Dataclass fields of lethe_trainer.spec that the CRD spells differently.
+_RENAMED = {".spec.evaluation.mmlu_uri": ".spec.evaluation.mmlu.uri",
+            ".spec.evaluation.mmlu_questions": ".spec.evaluation.mmlu.questions",
+            ".spec.method.name": ".spec.method.name"}
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+@pytest.mark.parametrize("schema, prefix, cls", [
+    (LINEAGE_SCHEMA, ".spec.evaluation", "Evaluation"),
+    (LINEAGE_SCHEMA, ".spec.collapseGuard", "CollapseGuard"),
+    (LINEAGE_SCHEMA, ".spec.preparation", "Preparation"),
+    (REQUEST_SCHEMA, ".spec.method", "MethodSpec"),
+    (REQUEST_SCHEMA, ".spec.method.calibration", "Calibration"),
+    (REQUEST_SCHEMA, ".spec.job", "JobSpec"),
+])
+def test_crd_declares_every_spec_field(schema, prefix, cls):
+    """A spec field without a CRD property would be pruned by the API server before the operator sees it."""
+    import dataclasses
+
+    from lethe_trainer import spec
+
+    if not hasattr(spec, cls):
+        pytest.skip(f"lethe_trainer.spec has no {cls}")
+    declared = {path for path, _ in walk(schema)}
+    missing = []
+    for field in dataclasses.fields(getattr(spec, cls)):
+        path = f"{prefix}.{_camel(field.name)}"
+        path = _RENAMED.get(f"{prefix}.{field.name}", path)
+        if path not in declared:
+            missing.append(path)
+    assert missing == []
+
+
+@pytest.mark.parametrize("spec, ok", [
+    ({"preparation": {"works": [{"uri": "demo:a"}]}}, True),
+    ({"preparation": {"works": [{"uri": "demo:a"}], "mixWorks": [{"uri": "demo:b"}]}, "heldOut": {"uri": "demo:c"}},
+     True),
+    ({"preparation": {"works": [{"uri": "demo:a"}], "mixWorks": [{"uri": "demo:a"}]}}, False),
+    ({"preparation": {"works": [{"uri": "demo:a"}], "mixWorks": [{"uri": "demo:c"}]}, "heldOut": {"uri": "demo:c"}},
+     False),
+])
+def test_mix_works_rule_matches_parser(spec, ok):
+    body = {"baseModel": {"uri": "demo:m"}, **spec}
+    node = schema_at(LINEAGE_SCHEMA, ".spec")
+    rules = [rule["rule"] for rule in node["x-kubernetes-validations"] if "mixWorks" in rule["rule"]]
+    if "mixWorks" not in str(schema_at(LINEAGE_SCHEMA, ".spec.preparation")):
+        pytest.skip("the CRD has no spec.preparation.mixWorks")
+    assert len(rules) == 1
+    assert evaluate(rules[0], node, body) is ok
+    resource = {"apiVersion": "lethe.dev/v1alpha1", "kind": "ModelLineage", "metadata": {"name": "m"}, "spec": body}
+    try:
+        parse_lineage(resource)
+        parsed = True
+    except SpecError:
+        parsed = False
+    assert parsed is ok
