@@ -8,6 +8,9 @@
   lineage never trains on.
 - Accuracy: zero-shot MMLU-style questions, scored by which of the answer
   letters A-D gets the highest next-token logit.
+- Comparison: differences between two models' figures, with whether their
+  95 % intervals overlap. Overlapping intervals mean the difference is not
+  shown at this sample size; they do not show that the two are equal.
 
 Sampling is seeded per batch, so a figure is reproducible for the same model,
 chunks, seed, batch size and device.
@@ -19,7 +22,7 @@ import dataclasses
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -187,3 +190,83 @@ def _question_text(question: dict[str, Any]) -> str:
     options = "\n".join(f"{letter}. {question['answer_' + letter.lower()]}" for letter in "ABCD")
     return f"The following is a multiple choice question about {question.get('topic', 'general knowledge')}.\n\n" \
            f"{question['question']}\n{options}\nAnswer:"
+
+
+# ---------------------------------------------------------------------------
+# Comparing figures: differences between two models' figures, and whether their intervals overlap.
+
+COMPARED_SETS = ("forget", "previous", "retain")
+
+
+def intervals_overlap(first: dict[str, float], second: dict[str, float]) -> bool:
+    """Return whether two summaries' 95 % intervals (ci_low, ci_high) share any value."""
+    return first["ci_low"] <= second["ci_high"] and second["ci_low"] <= first["ci_high"]
+
+
+def per_chunk_scores(entries: Mapping[str, dict[str, Any]]) -> dict[tuple[str, int], dict[str, float]]:
+    """Index per-chunk ROUGE of score_set results by (work, chunk index).
+
+    ENTRIES maps a work's URI to a score_set result that also carries
+    ``chunk_indices`` (the indices its per-chunk lists follow); entries without
+    them are skipped.
+    """
+    scores: dict[tuple[str, int], dict[str, float]] = {}
+    for work, entry in entries.items():
+        if not entry or "chunk_indices" not in entry:
+            continue
+        for position, index in enumerate(entry["chunk_indices"]):
+            scores[(work, index)] = {kind: entry[f"{kind}_per_chunk"][position] for kind in ROUGE_TYPES}
+    return scores
+
+
+def summarise_chunks(scores: Mapping[tuple[str, int], dict[str, float]], keys: Sequence[tuple[str, int]], *,
+                     samples: int, seed: int) -> dict[str, Any] | None:
+    """Summarise stored per-chunk scores for the chunks KEYS; None when none of them was scored.
+
+    This is how a model scored once per lineage (the reference, vanilla) is
+    compared on a set drawn later (D_prev): its own per-chunk scores for the
+    same chunks, averaged with the same bootstrap.
+    """
+    matched = [scores[key] for key in keys if key in scores]
+    if not matched:
+        return None
+    result: dict[str, Any] = {"chunks": len(matched), "unmatched_chunks": len(keys) - len(matched)}
+    for kind in ROUGE_TYPES:
+        values = [m[kind] for m in matched]
+        result[kind] = summarise(values, samples=samples, seed=seed)
+        result[f"{kind}_per_chunk"] = values
+    return result
+
+
+def compare_figures(figures: Mapping[str, Any], other: Mapping[str, Any], *, samples: int,
+                    seed: int) -> dict[str, Any]:
+    """Return FIGURES minus OTHER per set and kind, with whether the 95 % intervals overlap.
+
+    ROUGE sets give ``difference`` and ``overlap``; held-out perplexity gives
+    ``ratio`` (FIGURES / OTHER); accuracy gives ``difference`` and, from the
+    per-question results, ``overlap`` of bootstrap intervals. A set missing on
+    either side is None.
+    """
+    comparison: dict[str, Any] = {}
+    for name in COMPARED_SETS:
+        mine, theirs = figures.get(name), other.get(name)
+        if not mine or not theirs:
+            comparison[name] = None
+            continue
+        comparison[name] = {kind: {"difference": mine[kind]["mean"] - theirs[kind]["mean"],
+                                   "overlap": intervals_overlap(mine[kind], theirs[kind]),
+                                   "other": theirs[kind]}
+                            for kind in ROUGE_TYPES}
+
+    mine, theirs = figures.get("held_out"), other.get("held_out")
+    comparison["held_out"] = None if not mine or not theirs else {
+        "ratio": mine["perplexity"] / theirs["perplexity"], "other_perplexity": theirs["perplexity"]}
+
+    mine, theirs = figures.get("accuracy"), other.get("accuracy")
+    if not mine or not theirs:
+        comparison["accuracy"] = None
+    else:
+        intervals = [summarise(entry["per_question"], samples=samples, seed=seed) for entry in (mine, theirs)]
+        comparison["accuracy"] = {"difference": mine["accuracy"] - theirs["accuracy"],
+                                  "overlap": intervals_overlap(*intervals), "other": intervals[1]}
+    return comparison

@@ -8,6 +8,11 @@ is a LoRA adapter on every projection, merged into the weights.
 Optionally a KL term keeps the model's next-token distribution on retain
 text close to the base model's while it memorises, which limits the damage
 memorising does to everything else.
+
+Mix works, when configured, are other text trained alongside the forget works,
+one mix chunk per forget chunk. Running the same recipe on the mix chunks
+alone gives the reference model: prepared exactly like the vanilla model,
+except that it never saw the works the lineage will forget.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .methods import build_example, collate, continuation_loss
 from .spec import Preparation
-from .works import Chunk
+from .works import Chunk, sample
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +82,14 @@ def memorise(model, tokenizer, chunks: Sequence[Chunk], preparation: Preparation
     peft_model.merge_and_unload()
     model.eval()
     return {"epochs": epochs, "seconds": time.monotonic() - started, "kl": use_kl}
+
+
+def choose_mix_chunks(pool: Sequence[Chunk], count: int, *, seed: int) -> list[Chunk]:
+    """Draw COUNT chunks from the mix works' POOL (all of them when the pool is smaller), reproducibly for SEED."""
+    if len(pool) < count:
+        logger.warning("Mix works give %d chunks, fewer than the %d forget chunks; training on all of them",
+                       len(pool), count)
+    return sample(pool, count, seed=seed)
 
 
 def _kl_to_base(peft_model, token_ids: list[int], device: torch.device) -> torch.Tensor:

@@ -100,7 +100,8 @@ def quick_lineage(lineage: LineageSpec) -> LineageSpec:
     """Shrink evaluation and preparation to a smoke-test size."""
     evaluation = dataclasses.replace(lineage.evaluation, forget_chunks=4, previous_chunks=4, retain_chunks=4,
                                      max_new_tokens=24, perplexity_tokens=512, mmlu_questions=8,
-                                     bootstrap_samples=200)
+                                     bootstrap_samples=200, validation_chunks=4,
+                                     validation_max_new_tokens=min(lineage.evaluation.validation_max_new_tokens, 24))
     preparation = None
     if lineage.preparation is not None:
         preparation = dataclasses.replace(lineage.preparation, chunks_per_work=4, epochs=2)
@@ -224,6 +225,8 @@ def _lineage_resource(lineage: LineageSpec) -> dict[str, Any]:
             "maxNewTokens": evaluation.max_new_tokens, "temperature": evaluation.temperature,
             "topP": evaluation.top_p, "batchSize": evaluation.batch_size,
             "perplexityTokens": evaluation.perplexity_tokens, "bootstrapSamples": evaluation.bootstrap_samples,
+            "validationChunks": evaluation.validation_chunks,
+            "validationMaxNewTokens": evaluation.validation_max_new_tokens,
         },
         "collapseGuard": {
             "maxPerplexityRatio": lineage.collapse_guard.max_perplexity_ratio,
@@ -252,6 +255,7 @@ def _preparation_resource(preparation: Preparation) -> dict[str, Any]:
         "batchSize": preparation.batch_size, "loraRank": preparation.lora_rank, "loraAlpha": preparation.lora_alpha,
         "targetModules": list(preparation.target_modules), "retainKlWeight": preparation.retain_kl_weight,
         "reference": preparation.reference,
+        "mixWorks": [{"uri": uri} for uri in preparation.mix_works],
     }
 
 
@@ -263,6 +267,8 @@ def _request_resource(request: RequestSpec) -> dict[str, Any]:
         "targetModules": list(method.target_modules), "forgetWeight": method.forget_weight,
         "randomLabelWeight": method.random_label_weight, "saliencyStd": method.saliency_std,
         "negationScale": method.negation_scale, "seed": method.seed, "device": method.device,
+        "calibration": {"enabled": method.calibration.enabled, "scales": list(method.calibration.scales),
+                        "maxPerplexityRatio": method.calibration.max_perplexity_ratio},
     }
     if method.max_chunks is not None:
         spec_method["maxChunks"] = method.max_chunks

@@ -68,6 +68,10 @@ class Evaluation:
     mmlu_uri: str | None = None
     mmlu_questions: int = 100
     bootstrap_samples: int = 1000
+    # Validation split for the negation-scale search: the chunks that follow the
+    # scored D_f chunks in each work's seeded order, so they never overlap them.
+    validation_chunks: int = 8
+    validation_max_new_tokens: int = 32  # shorter continuations keep the search cheap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +103,9 @@ class Preparation:
     # close to the base model's while memorising; 0 disables it.
     retain_kl_weight: float = 0.0
     reference: bool = True  # also prepare a model without the forget works
+    # Other text trained alongside the forget works, as many chunks as the forget
+    # works give (1:1). The reference model is the same recipe on these alone.
+    mix_works: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +121,28 @@ class LineageSpec:
     preparation: Preparation | None
     on_failure: str = "Halt"
     history_limit: int = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Search for the negation scale lambda after a step's task vector is computed.
+
+    Every scale is applied to theta_(t-1) and scored on the lineage's validation
+    chunks of the work (disjoint from the scored D_f chunks) and on held-out
+    perplexity. The chosen scale brings validation ROUGE-L closest to the
+    reference model's (lowest when the lineage has no reference) while
+    perplexity stays within ``max_perplexity_ratio`` of the reference's (or
+    vanilla's). Scales whose 95 % intervals overlap the best one's are ties,
+    and the smallest tied scale wins, because a smaller edit does less damage.
+
+    Disabled by default: without it a request applies its fixed
+    ``negation_scale`` exactly, which is what the SSU method specifies and
+    what existing lineages were built with.
+    """
+
+    enabled: bool = False
+    scales: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+    max_perplexity_ratio: float = 1.5  # held-out perplexity / reference (or vanilla) perplexity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +163,7 @@ class MethodSpec:
     max_chunks: int | None = None  # cap on training chunks of the work; None trains on all
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
+    calibration: Calibration = Calibration()  # when enabled, replaces negation_scale by the searched value
 
     @property
     def uses_random_labels(self) -> bool:
@@ -279,6 +309,8 @@ def parse_evaluation(spec: Mapping[str, Any] | None, field: str = "spec.evaluati
         mmlu_questions=_number(mmlu.get("questions"), f"{field}.mmlu.questions", default=default.mmlu_questions,
                                minimum=1, integer=True),
         bootstrap_samples=count("bootstrapSamples", minimum=100),
+        validation_chunks=count("validationChunks", minimum=2),
+        validation_max_new_tokens=count("validationMaxNewTokens"),
     )
 
 
@@ -302,6 +334,11 @@ def parse_lineage(resource: Mapping[str, Any]) -> LineageSpec:
                                       default=guard_default.min_accuracy_fraction, minimum=0.0, maximum=1.0),
     )
 
+    preparation = _parse_preparation(spec.get("preparation"))
+    held_out_uri = _uri(_get(_get(spec, "spec", "heldOut") or {}, "spec.heldOut", "uri"), "spec.heldOut.uri",
+                        required=False)
+    if preparation is not None:
+        _check_mix_works(preparation, held_out_uri)
     return LineageSpec(
         name=_name(metadata.get("name"), "metadata.name"),
         namespace=_name(metadata.get("namespace") or "default", "metadata.namespace"),
@@ -309,11 +346,10 @@ def parse_lineage(resource: Mapping[str, Any]) -> LineageSpec:
                             "spec.baseModel.uri", required=True),
         store_uri=_uri(_get(_get(spec, "spec", "store") or {}, "spec.store", "uri"), "spec.store.uri", required=False),
         retain_uris=_uri_list(_get(_get(spec, "spec", "retain") or {}, "spec.retain", "works"), "spec.retain.works"),
-        held_out_uri=_uri(_get(_get(spec, "spec", "heldOut") or {}, "spec.heldOut", "uri"), "spec.heldOut.uri",
-                          required=False),
+        held_out_uri=held_out_uri,
         evaluation=parse_evaluation(spec.get("evaluation")),
         collapse_guard=guard,
-        preparation=_parse_preparation(spec.get("preparation")),
+        preparation=preparation,
         on_failure=_enum(spec.get("onFailure"), "spec.onFailure", ON_FAILURE_POLICIES, "Halt"),
         history_limit=_number(spec.get("historyLimit"), "spec.historyLimit", default=100, minimum=1, integer=True),
     )
@@ -345,7 +381,20 @@ def _parse_preparation(spec: Mapping[str, Any] | None) -> Preparation | None:
         retain_kl_weight=_number(spec.get("retainKlWeight"), f"{field}.retainKlWeight",
                                  default=default.retain_kl_weight, minimum=0.0),
         reference=bool(spec.get("reference", default.reference)),
+        mix_works=_uri_list(_get(spec, field, "mixWorks"), f"{field}.mixWorks"),
     )
+
+
+def _check_mix_works(preparation: Preparation, held_out_uri: str | None) -> None:
+    """Reject mix works that would make the reference see a forget work, or train on held-out text."""
+    for index, uri in enumerate(preparation.mix_works):
+        field = f"spec.preparation.mixWorks[{index}].uri"
+        if uri in preparation.works:
+            raise SpecError(field, uri, "is also a work to memorise",
+                            "remove it from mixWorks: the reference must never see the forget works")
+        if uri == held_out_uri:
+            raise SpecError(field, uri, "is the held-out text",
+                            "choose another mix work, or another spec.heldOut.uri: perplexity needs unseen text")
 
 
 def parse_method(spec: Mapping[str, Any] | None, field: str = "spec.method") -> MethodSpec:
@@ -378,11 +427,39 @@ def parse_method(spec: Mapping[str, Any] | None, field: str = "spec.method") -> 
                                                            minimum=2, integer=True),
         seed=_number(spec.get("seed"), f"{field}.seed", default=default.seed, minimum=0, integer=True),
         device=_device(spec.get("device"), f"{field}.device"),
+        calibration=_parse_calibration(spec.get("calibration"), f"{field}.calibration"),
     )
     if method.forget_weight == 0 and (method.random_label_weight == 0 or not method.uses_random_labels):
         raise SpecError(f"{field}.forgetWeight", method.forget_weight, "leaves the loss empty",
                         "set forgetWeight or randomLabelWeight above 0")
     return method
+
+
+def _parse_calibration(spec: Mapping[str, Any] | None, field: str) -> Calibration:
+    if spec is None:
+        return Calibration()
+    if not isinstance(spec, Mapping):
+        raise SpecError(field, spec, "is not an object", "write it as a YAML mapping such as {enabled: true}")
+    default = Calibration()
+    enabled = spec.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise SpecError(f"{field}.enabled", enabled, "is not a boolean", "set true or false")
+    scales = spec.get("scales")
+    if scales is None:
+        scales = default.scales
+    elif not isinstance(scales, list) or not scales:
+        raise SpecError(f"{field}.scales", scales, "is not a non-empty list of numbers",
+                        "write a YAML list such as [0.5, 1, 1.5, 2]")
+    scales = tuple(_number(value, f"{field}.scales[{index}]", default=None, positive=True)
+                   for index, value in enumerate(scales))
+    if len(set(scales)) != len(scales):
+        raise SpecError(f"{field}.scales", list(scales), "repeats a value", "list each scale once")
+    return Calibration(
+        enabled=enabled,
+        scales=tuple(sorted(scales)),
+        max_perplexity_ratio=_number(spec.get("maxPerplexityRatio"), f"{field}.maxPerplexityRatio",
+                                     default=default.max_perplexity_ratio, minimum=1.0),
+    )
 
 
 def _device(value: Any, field: str) -> str:

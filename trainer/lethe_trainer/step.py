@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from . import evaluate, inputs, methods
+from . import calibration, evaluate, inputs, methods
 from .model import demo_model_dir, load_model, load_tokenizer, resolve_device, weights
-from .prepare import memorise
+from .prepare import choose_mix_chunks, memorise
 from .spec import Evaluation, LineageSpec, RequestSpec, SpecError
 from .taskvector import negate
 from .works import Chunk, Work, chunk_work, load_work, sample, seeded_order
@@ -127,8 +127,25 @@ def evaluation_record(settings: Evaluation) -> dict[str, Any]:
 # Lineage initialisation.
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedWork:
+    """One work the preparation memorises, with the chunk slices every model of the lineage is scored on."""
+
+    uri: str
+    work: Work
+    ordered: list[Chunk]  # every chunk, in the lineage's seeded order
+    training: list[Chunk]  # the chunks the preparation memorises
+    scored: list[Chunk]  # the D_f chunks a step forgetting this work is scored on
+    validation: list[Chunk]  # the chunks the negation-scale search scores
+
+
 def initialise_lineage(lineage: LineageSpec, store, *, show_progress: bool = True) -> dict[str, Any]:
-    """Write the lineage's theta_0 (the prepared vanilla model, or the base) and its figures to the store."""
+    """Write the lineage's theta_0 (the prepared vanilla model, or the base) and its figures to the store.
+
+    With a preparation, the reference model (prepared without the forget
+    works, or the untouched base) is made and scored here, once for the whole
+    lineage; steps read its figures from the base record.
+    """
     existing = store.read_base()
     if existing is not None:
         return existing
@@ -140,19 +157,25 @@ def initialise_lineage(lineage: LineageSpec, store, *, show_progress: bool = Tru
     model = load_model(directory, device=device)
 
     preparation_record = None
-    if lineage.preparation is not None:
-        preparation_record = _prepare(model, tokenizer, lineage, retain_chunks, show_progress=show_progress)
-
-    figures = score_model(model, tokenizer, lineage, {"retain": retain_chunks}, show_progress=show_progress)
-    if preparation_record is not None:
+    base_figures = None
+    reference_record: dict[str, Any] = {
+        "kind": "none",
+        "reason": "the lineage has no spec.preparation: theta_0 is the given model and no model without the "
+                  "works exists, so steps are compared with vanilla only",
+    }
+    if lineage.preparation is None:
+        figures = score_model(model, tokenizer, lineage, {"retain": retain_chunks}, show_progress=show_progress)
+    else:
+        prepared = _prepared_works(lineage, tokenizer)
+        mix, mix_record = _mix_chunks(lineage, tokenizer, count=sum(len(p.training) for p in prepared))
+        reference_record, base_figures = _make_reference(model, directory, tokenizer, lineage, retain_chunks,
+                                                         prepared, mix, mix_record, device=device,
+                                                         show_progress=show_progress)
+        preparation_record = _prepare(model, tokenizer, lineage, prepared, mix, mix_record, retain_chunks,
+                                      show_progress=show_progress)
         # D_f of the vanilla model for every prepared work shows the memorisation worked.
-        figures["prepared"] = {}
-        for work_record in preparation_record["works"]:
-            work = read_work(work_record["uri"], field="spec.preparation.works")
-            chunks = work_chunks(work, tokenizer, lineage.evaluation, field="spec.preparation.works")
-            figures["prepared"][work_record["uri"]] = evaluate.score_set(
-                model, tokenizer, chunks[:lineage.evaluation.forget_chunks], lineage.evaluation,
-                name=f"vanilla on {work.label}", show_progress=show_progress)
+        figures = _score_with_prepared_works(model, tokenizer, lineage, retain_chunks, prepared, label="vanilla",
+                                             show_progress=show_progress)
 
     with tempfile.TemporaryDirectory(prefix="lethe-base-") as scratch:
         path = Path(scratch) / "theta0.safetensors"
@@ -167,6 +190,8 @@ def initialise_lineage(lineage: LineageSpec, store, *, show_progress: bool = Tru
         "retain": {"works": retain_works, "chunks": [{"work": c.work, "index": c.index} for c in retain_chunks]},
         "evaluation": evaluation_record(lineage.evaluation),
         "figures": figures,
+        "reference": reference_record,
+        "base_figures": base_figures,
         "objects": {"checkpoint": checkpoint.to_dict()},
         "versions": library_versions(),
         "seconds": time.monotonic() - started,
@@ -175,22 +200,114 @@ def initialise_lineage(lineage: LineageSpec, store, *, show_progress: bool = Tru
     return store.write_base(record)
 
 
-def _prepare(model, tokenizer, lineage: LineageSpec, retain_chunks: Sequence[Chunk], *,
-             show_progress: bool) -> dict[str, Any]:
+def _prepared_works(lineage: LineageSpec, tokenizer) -> list[PreparedWork]:
+    settings = lineage.evaluation
+    prepared = []
+    for index, uri in enumerate(lineage.preparation.works):
+        field = f"spec.preparation.works[{index}].uri"
+        work = read_work(uri, field=field)
+        ordered = work_chunks(work, tokenizer, settings, field=field)
+        prepared.append(PreparedWork(
+            uri=uri, work=work, ordered=ordered, training=ordered[:lineage.preparation.chunks_per_work],
+            scored=ordered[:settings.forget_chunks],
+            validation=calibration.validation_split(ordered, forget_chunks=settings.forget_chunks,
+                                                    validation_chunks=settings.validation_chunks)))
+    return prepared
+
+
+def _mix_chunks(lineage: LineageSpec, tokenizer, *, count: int) -> tuple[list[Chunk], dict[str, Any] | None]:
+    """Return COUNT chunks drawn from the mix works (one per forget chunk) and their record; none without mix works."""
+    if not lineage.preparation.mix_works:
+        return [], None
+    pool: list[Chunk] = []
+    works = []
+    for index, uri in enumerate(lineage.preparation.mix_works):
+        field = f"spec.preparation.mixWorks[{index}].uri"
+        work = read_work(uri, field=field)
+        ordered = work_chunks(work, tokenizer, lineage.evaluation, field=field)
+        pool += ordered
+        works.append({"uri": uri, "sha256": work.sha256, "total_chunks": len(ordered)})
+    chosen = choose_mix_chunks(pool, count, seed=lineage.evaluation.seed)
+    return chosen, {"works": works, "chunks": [{"work": c.work, "index": c.index} for c in chosen]}
+
+
+def _make_reference(model, directory: Path, tokenizer, lineage: LineageSpec, retain_chunks: Sequence[Chunk],
+                    prepared: Sequence[PreparedWork], mix: Sequence[Chunk], mix_record: dict[str, Any] | None, *,
+                    device, show_progress: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Make and score the reference model; return its record and the untouched base's figures when they differ.
+
+    MODEL is still the untouched base here and is left unchanged.
+    """
     preparation = lineage.preparation
+    if not preparation.reference:
+        return {"kind": "none", "reason": "spec.preparation.reference is false"}, None
+
+    untouched = _score_with_prepared_works(model, tokenizer, lineage, retain_chunks, prepared, label="base",
+                                           show_progress=show_progress)
+    if not mix:
+        return {"kind": "base",
+                "description": "the untouched base model: the preparation has no mix works, so the base is the "
+                               "model that never saw the forget works",
+                "figures": untouched}, None
+
+    logger.info("Preparing the reference model of lineage %s on %d mix chunks", lineage.name, len(mix))
+    reference_model = load_model(directory, device=device)
+    report = memorise(reference_model, tokenizer, mix, preparation, retain_texts=_token_texts(retain_chunks),
+                      seed=lineage.evaluation.seed, show_progress=show_progress)
+    figures = _score_with_prepared_works(reference_model, tokenizer, lineage, retain_chunks, prepared,
+                                         label="reference", show_progress=show_progress)
+    del reference_model
+    return {"kind": "prepared-without-forget-works",
+            "description": "the base model prepared with the same recipe on the mix works alone",
+            "preparation": {"mix": mix_record, "report": report},
+            "figures": figures}, untouched
+
+
+def _score_with_prepared_works(model, tokenizer, lineage: LineageSpec, retain_chunks: Sequence[Chunk],
+                               prepared: Sequence[PreparedWork], *, label: str,
+                               show_progress: bool) -> dict[str, Any]:
+    """Score MODEL on D_nor, held-out text, accuracy, and each prepared work's D_f and validation chunks."""
+    settings = lineage.evaluation
+    figures = score_model(model, tokenizer, lineage, {"retain": retain_chunks}, show_progress=show_progress)
+    figures["prepared"] = {}
+    figures["validation"] = {}
+    for item in prepared:
+        figures["prepared"][item.uri] = _score_chunks(model, tokenizer, item.scored, settings,
+                                                      name=f"{label} on {item.work.label}",
+                                                      show_progress=show_progress)
+        figures["validation"][item.uri] = _score_chunks(model, tokenizer, item.validation,
+                                                        calibration.validation_settings(settings),
+                                                        name=f"{label} on {item.work.label} (validation)",
+                                                        show_progress=show_progress)
+    return figures
+
+
+def _score_chunks(model, tokenizer, chunks: Sequence[Chunk], settings: Evaluation, *, name: str,
+                  show_progress: bool) -> dict[str, Any] | None:
+    """score_set, plus the chunk indices its per-chunk lists follow, so later steps can match chunks."""
+    result = evaluate.score_set(model, tokenizer, chunks, settings, name=name, show_progress=show_progress)
+    if result is not None:
+        result["chunk_indices"] = [c.index for c in chunks]
+    return result
+
+
+def _token_texts(chunks: Sequence[Chunk]) -> list[list[int]]:
+    return [list(c.prompt_ids) + list(c.continuation_ids) for c in chunks]
+
+
+def _prepare(model, tokenizer, lineage: LineageSpec, prepared: Sequence[PreparedWork], mix: Sequence[Chunk],
+             mix_record: dict[str, Any] | None, retain_chunks: Sequence[Chunk], *,
+             show_progress: bool) -> dict[str, Any]:
     chunks: list[Chunk] = []
     works = []
-    for index, uri in enumerate(preparation.works):
-        work = read_work(uri, field=f"spec.preparation.works[{index}].uri")
-        ordered = work_chunks(work, tokenizer, lineage.evaluation, field=f"spec.preparation.works[{index}].uri")
-        chosen = ordered[:preparation.chunks_per_work]
-        chunks += chosen
-        works.append({"uri": uri, "sha256": work.sha256, "chunks": [c.index for c in chosen],
-                      "total_chunks": len(ordered)})
-    retain_texts = [list(c.prompt_ids) + list(c.continuation_ids) for c in retain_chunks]
-    report = memorise(model, tokenizer, chunks, preparation, retain_texts=retain_texts,
-                      seed=lineage.evaluation.seed, show_progress=show_progress)
-    return {"settings": dataclasses.asdict(preparation), "works": works, "report": report}
+    for item in prepared:
+        chunks += item.training
+        works.append({"uri": item.uri, "sha256": item.work.sha256, "chunks": [c.index for c in item.training],
+                      "total_chunks": len(item.ordered)})
+    report = memorise(model, tokenizer, chunks + list(mix), lineage.preparation,
+                      retain_texts=_token_texts(retain_chunks), seed=lineage.evaluation.seed,
+                      show_progress=show_progress)
+    return {"settings": dataclasses.asdict(lineage.preparation), "works": works, "mix": mix_record, "report": report}
 
 
 def _directory_digest(directory: Path) -> str:
@@ -255,9 +372,15 @@ def run_step(lineage: LineageSpec, request: RequestSpec, store, plan: StepPlan, 
     phase = time.monotonic()
     vector, report = methods.train_task_vector(model, tokenizer, training, request.method, on_step=on_metrics,
                                                show_progress=show_progress)
-    new_state = negate(head_state, vector, request.method.negation_scale)
-    model.load_state_dict({k: v.to(device) for k, v in new_state.items()}, strict=False)
     timings["training_seconds"] = time.monotonic() - phase
+
+    phase = time.monotonic()
+    search = _calibrate(model, tokenizer, lineage, request, base, work, ordered, head_state, vector,
+                        show_progress=show_progress)
+    negation_scale = search["chosen_scale"]
+    new_state = negate(head_state, vector, negation_scale)
+    model.load_state_dict({k: v.to(device) for k, v in new_state.items()}, strict=False)
+    timings["calibration_seconds"] = time.monotonic() - phase
 
     phase = time.monotonic()
     figures = score_model(model, tokenizer, lineage,
@@ -279,7 +402,8 @@ def run_step(lineage: LineageSpec, request: RequestSpec, store, plan: StepPlan, 
         "parent_step_id": plan.parent_step_id,
         "lineage": {"namespace": lineage.namespace, "name": lineage.name},
         "request": {"namespace": request.namespace, "name": request.name},
-        "method": dataclasses.asdict(request.method),
+        # The store rebuilds the head with method.negation_scale, so it holds the scale actually applied.
+        "method": {**dataclasses.asdict(request.method), "negation_scale": negation_scale},
         "inputs": {
             "forget": {"uri": work.uri, "sha256": work.sha256, "title": work.label, "total_chunks": len(ordered),
                        "training_chunks": [c.index for c in training], "forget_chunks": [c.index for c in forget_set]},
@@ -291,6 +415,9 @@ def run_step(lineage: LineageSpec, request: RequestSpec, store, plan: StepPlan, 
                         "dense_parameters": vector.dense_parameter_count({k: v.shape for k, v in head_state.items()})},
         "evaluation": evaluation_record(settings),
         "figures": figures,
+        "comparison": compare_with_lineage(base, figures, forget_set=forget_set, previous_set=previous_set,
+                                           settings=settings),
+        "calibration": search,
         "objects": {"task_vector": task_vector.to_dict()},
         "versions": library_versions(),
         "device": str(device),
@@ -298,6 +425,92 @@ def run_step(lineage: LineageSpec, request: RequestSpec, store, plan: StepPlan, 
         "created": _now(),
     }
     return store.commit_step(plan.step_id, manifest)
+
+
+def _calibrate(model, tokenizer, lineage: LineageSpec, request: RequestSpec, base: dict[str, Any], work: Work,
+               ordered: Sequence[Chunk], head_state, vector, *, show_progress: bool) -> dict[str, Any]:
+    """Return the calibration record; its chosen_scale is the fixed negation scale when calibration is off."""
+    method = request.method
+    if not method.calibration.enabled:
+        return {"enabled": False, "configured_scale": method.negation_scale, "chosen_scale": method.negation_scale,
+                "reason": "spec.method.calibration is not enabled; the fixed negationScale applies"}
+
+    settings = lineage.evaluation
+    chunks = calibration.validation_split(ordered, forget_chunks=settings.forget_chunks,
+                                          validation_chunks=settings.validation_chunks)
+    keys = [(c.work, c.index) for c in chunks]
+    reference = base.get("reference") or {}
+    reference_figures = reference.get("figures") or {}
+    reference_validation = evaluate.summarise_chunks(
+        evaluate.per_chunk_scores(reference_figures.get("validation") or {}), keys,
+        samples=settings.bootstrap_samples, seed=settings.seed)
+    if reference_figures.get("held_out"):
+        basis_name, basis = "reference", reference_figures["held_out"]["perplexity"]
+    else:
+        basis_name, basis = "vanilla", ((base.get("figures") or {}).get("held_out") or {}).get("perplexity")
+
+    search = calibration.search_scale(
+        model=model, tokenizer=tokenizer, head_state=head_state, vector=vector, chunks=chunks, settings=settings,
+        calibration=method.calibration, held_out_text=held_out_text(lineage),
+        target_rougeL=reference_validation["rougeL"]["mean"] if reference_validation else None,
+        perplexity_basis=basis, basis_name=basis_name, show_progress=show_progress)
+    search["configured_scale"] = method.negation_scale
+    search["reference_kind"] = reference.get("kind", "none")
+    search["validation_memorised"] = _chunks_memorised(base, work.uri, [c.index for c in chunks])
+    if search["validation_memorised"] is False:
+        logger.warning("The validation chunks of %s were not memorised by the preparation, so the search "
+                       "cannot tell scales apart; raise spec.preparation.chunksPerWork to at least "
+                       "forgetChunks + validationChunks (%d)", work.uri,
+                       settings.forget_chunks + settings.validation_chunks)
+    logger.info("Negation scale for %s: %g (%s)", request.name, search["chosen_scale"], search["reason"])
+    return search
+
+
+def _chunks_memorised(base: dict[str, Any], uri: str, indices: Sequence[int]) -> bool | None:
+    """Return whether the preparation trained on every chunk of INDICES of work URI; None if it never saw the work."""
+    for record in (base.get("preparation") or {}).get("works", []):
+        if record["uri"] == uri:
+            return set(indices) <= set(record["chunks"])
+    return None
+
+
+def compare_with_lineage(base: dict[str, Any], figures: dict[str, Any], *, forget_set: Sequence[Chunk],
+                         previous_set: Sequence[Chunk], settings: Evaluation) -> dict[str, Any]:
+    """Compare a step's figures with the reference's, vanilla's and (when it differs) the untouched base's.
+
+    The lineage-level models were scored once, at initialisation; for D_f and
+    D_prev their stored per-chunk scores of the same chunks are averaged, so
+    no model is scored again here.
+    """
+    forget_keys = [(c.work, c.index) for c in forget_set]
+    previous_keys = [(c.work, c.index) for c in previous_set]
+
+    def compared(other: dict[str, Any]) -> dict[str, Any]:
+        scores = evaluate.per_chunk_scores(other.get("prepared") or {})
+        equivalent = {
+            "forget": evaluate.summarise_chunks(scores, forget_keys, samples=settings.bootstrap_samples,
+                                                seed=settings.seed),
+            "previous": evaluate.summarise_chunks(scores, previous_keys, samples=settings.bootstrap_samples,
+                                                  seed=settings.seed),
+            "retain": other.get("retain"), "held_out": other.get("held_out"), "accuracy": other.get("accuracy"),
+        }
+        return evaluate.compare_figures(figures, equivalent, samples=settings.bootstrap_samples, seed=settings.seed)
+
+    reference = base.get("reference") or {"kind": "none", "reason": "the base record predates reference models"}
+    comparison: dict[str, Any] = {"vanilla": compared(base.get("figures") or {})}
+    if reference.get("figures"):
+        comparison["reference"] = {"kind": reference["kind"], **compared(reference["figures"])}
+    else:
+        comparison["reference"] = {"kind": "none", "reason": reference.get("reason", "no reference model")}
+    if base.get("base_figures"):
+        comparison["base"] = compared(base["base_figures"])
+
+    before, after = figures.get("forget_before"), figures.get("forget")
+    comparison["forget_before"] = None if not before or not after else {
+        kind: {"difference": after[kind]["mean"] - before[kind]["mean"],
+               "overlap": evaluate.intervals_overlap(after[kind], before[kind])}
+        for kind in evaluate.ROUGE_TYPES}
+    return comparison
 
 
 def _previous_set(chain: Sequence[dict[str, Any]], tokenizer, settings: Evaluation) -> list[Chunk]:
