@@ -402,3 +402,35 @@ def test_validation_settings_in_evaluation():
     assert calibration.validation_settings(settings).max_new_tokens == 16
     with pytest.raises(SpecError):
         parse_evaluation({"validationChunks": 1})
+
+
+# ---------------------------------------------------------------------------
+# Table and plots.
+
+
+def test_table_shows_reference_and_distance(run):
+    outcomes = [StepOutcome("r1", "0001-r1", "Promoted", manifest=run["first"]),
+                StepOutcome("r2", "0002-r2", "Promoted", manifest=run["second"])]
+    rows = report.table_rows(run["base"], outcomes)
+    labels = [row[1] for row in rows]
+    assert "(reference: prepared-without-forget-works)" in labels
+    assert "(untouched base)" in labels
+    distance = report.distance_rows([run["first"], run["second"]])
+    assert len(distance) == 2
+    assert all(len(row) == len(report.DISTANCE_HEADER) for row in distance)
+    assert distance[0][2] == "reference (prepared-without-forget-works)"
+    assert distance[0][3] == f"{run['first']['calibration']['chosen_scale']:g}"
+    entry = run["second"]["comparison"]["reference"]["retain"]["rougeL"]
+    expected = f"{entry['difference']:+.3f}{'' if entry['overlap'] else report.SEPARATED}"
+    assert distance[1][6].endswith(expected)
+    assert "compared with" in report.format_table(distance, report.DISTANCE_HEADER)
+
+
+def test_plots_written(run, tmp_path):
+    trajectory = report.plot_trajectory(run["base"], [run["first"], run["second"]], tmp_path / "trajectory.png",
+                                        title="quality")
+    searched = report.plot_calibration(run["first"], tmp_path / "calibration.png")
+    assert trajectory.stat().st_size > 0
+    assert searched.stat().st_size > 0
+    fixed = {**run["first"], "calibration": {"enabled": False}}
+    assert report.plot_calibration(fixed, tmp_path / "none.png") is None

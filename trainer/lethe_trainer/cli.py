@@ -52,8 +52,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"Lineage {lineage.namespace}/{lineage.name} (store {outcome.store_uri})")
         print(report.format_table(rows))
         manifests = [step.manifest for step in outcome.steps if step.manifest is not None]
+        print(f"\nDistance to the reference ({report.SEPARATED}: the 95 % intervals do not overlap)")
+        print(report.format_table(report.distance_rows(manifests), report.DISTANCE_HEADER))
         plot = report.plot_trajectory(outcome.base, manifests, output / f"{lineage.name}-trajectory.png",
                                       title=f"lineage {lineage.name}")
+        for manifest in manifests:
+            searched = report.plot_calibration(manifest, output / f"{lineage.name}-calibration-{manifest['step_id']}.png")
+            if searched is not None:
+                print(f"Negation-scale search of step {manifest['sequence']}: {searched}")
         summary = output / f"{lineage.name}-summary.json"
         summary.write_text(json.dumps({"base": outcome.base, "steps": manifests}, indent=2, default=str),
                            encoding="utf-8")
