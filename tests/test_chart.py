@@ -261,14 +261,13 @@ def test_notes_name_first_request() -> None:
     assert "helm test lethe -n lethe-system" in result.stdout
 
 
-def test_notes_warn_of_unread_trainer_values() -> None:
-    plain = helm("install", "lethe", str(CHART), "--dry-run=client", "--namespace", "lethe-system")
-    assert "does not read these values yet" not in plain.stdout
-
-    custom = helm("install", "lethe", str(CHART), "--dry-run=client", "--namespace", "lethe-system",
-                  "--values", str(CHART / "ci" / "custom-trainer-values.yaml"))
-    assert "does not read these values yet" in custom.stdout
-    assert "trainer.nodeSelector, trainer.tolerations" in custom.stdout
+def test_trainer_values_reach_operator_environment() -> None:
+    rendered = helm("template", "lethe", str(CHART), "--namespace", "lethe-system",
+                    "--values", str(CHART / "ci" / "custom-trainer-values.yaml"))
+    assert "LETHE_TRAINER_NODE_SELECTOR" in rendered.stdout
+    assert "LETHE_TRAINER_TOLERATIONS" in rendered.stdout
+    assert "LETHE_PUSHGATEWAY_URL" in rendered.stdout
+    assert "does not read these values yet" not in rendered.stdout
 
 
 # ------------------------------------------------------------------ schema

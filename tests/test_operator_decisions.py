@@ -492,6 +492,45 @@ def test_step_job_carries_every_job_setting():
     assert {"name": "HF_HOME", "value": "/cache"} in container["env"]
 
 
+def test_step_job_takes_operator_trainer_defaults():
+    defaults = from_environment({
+        "LETHE_TRAINER_GPU_RESOURCE": "amd.com/gpu",
+        "LETHE_TRAINER_NODE_SELECTOR": '{"pool": "gpu"}',
+        "LETHE_TRAINER_TOLERATIONS": '[{"key": "gpu", "operator": "Exists"}]',
+        "LETHE_TRAINER_IMAGE_PULL_SECRETS": '[{"name": "regcred"}]',
+        "LETHE_TRAINER_SERVICE_ACCOUNT": "trainer",
+        "LETHE_TRAINER_IMAGE_PULL_POLICY": "Always",
+        "LETHE_PUSHGATEWAY_URL": "http://pushgateway:9091",
+    })
+    job = jobs.build_step_job(request=request(), lineage=lineage(), settings=defaults, store_uri="s3://s/p",
+                              step_id="0001-a", sequence=1, parent_step_id=None)
+    pod_spec = job["spec"]["template"]["spec"]
+    container = pod_spec["containers"][0]
+    assert container["resources"] == {"limits": {"amd.com/gpu": "1"}}
+    assert pod_spec["nodeSelector"] == {"pool": "gpu"}
+    assert pod_spec["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert pod_spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod_spec["serviceAccountName"] == "trainer"
+    assert container["imagePullPolicy"] == "Always"
+    assert {"name": "LETHE_PUSHGATEWAY_URL", "value": "http://pushgateway:9091"} in container["env"]
+
+
+def test_request_job_settings_override_operator_defaults():
+    defaults = from_environment({"LETHE_TRAINER_NODE_SELECTOR": '{"pool": "gpu"}',
+                                          "LETHE_TRAINER_SERVICE_ACCOUNT": "trainer"})
+    body = request(job={"nodeSelector": {"pool": "h100"}, "serviceAccountName": "special"})
+    job = jobs.build_step_job(request=body, lineage=lineage(), settings=defaults, store_uri="s3://s/p",
+                              step_id="0001-a", sequence=1, parent_step_id=None)
+    pod_spec = job["spec"]["template"]["spec"]
+    assert pod_spec["nodeSelector"] == {"pool": "h100"}
+    assert pod_spec["serviceAccountName"] == "special"
+
+
+def test_trainer_default_with_wrong_json_type_is_rejected():
+    with pytest.raises(ValueError, match="LETHE_TRAINER_TOLERATIONS"):
+        from_environment({"LETHE_TRAINER_TOLERATIONS": '{"key": "gpu"}'})
+
+
 def test_step_job_zero_gpus_sets_no_gpu_limit():
     assert step_job(gpus=0)["spec"]["template"]["spec"]["containers"][0]["resources"] == {}
 

@@ -121,24 +121,31 @@ def _job(*, name: str, namespace: str, owner: Mapping[str, Any], labels: dict[st
         "command": list(settings.trainer_command),
         "args": arguments,
         "env": _environment(job, settings),
-        "resources": _resources(job),
+        "resources": _resources(job, settings),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if settings.image_pull_policy:
+        container["imagePullPolicy"] = settings.image_pull_policy
     secret = job.credentials_secret or settings.credentials_secret
     if secret:
         container["envFrom"] = [{"secretRef": {"name": secret}}]
 
+    # The request's own placement settings win; the operator's defaults fill the gaps.
+    service_account = job.service_account_name or settings.service_account_name
+    node_selector = job.node_selector or settings.node_selector
+    tolerations = job.tolerations or settings.tolerations
+    pull_secrets = job.image_pull_secrets or settings.image_pull_secrets
     pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
-    if job.service_account_name:
-        pod_spec["serviceAccountName"] = job.service_account_name
-    if job.node_selector:
-        pod_spec["nodeSelector"] = dict(job.node_selector)
-    if job.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in job.tolerations]
+    if service_account:
+        pod_spec["serviceAccountName"] = service_account
+    if node_selector:
+        pod_spec["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in tolerations]
     if job.affinity:
         pod_spec["affinity"] = dict(job.affinity)
-    if job.image_pull_secrets:
-        pod_spec["imagePullSecrets"] = [{"name": secret_name} for secret_name in job.image_pull_secrets]
+    if pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": secret_name} for secret_name in pull_secrets]
 
     spec: dict[str, Any] = {
         "backoffLimit": job.backoff_limit,
@@ -170,19 +177,21 @@ def _environment(job: JobSpec, settings: OperatorSettings) -> list[dict[str, Any
     environment: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
     if settings.s3_endpoint_url:
         environment.append({"name": "AWS_ENDPOINT_URL_S3", "value": settings.s3_endpoint_url})
+    if settings.pushgateway_url:
+        environment.append({"name": "LETHE_PUSHGATEWAY_URL", "value": settings.pushgateway_url})
     # The request's own variables come last so that they win over the defaults above.
     own = [dict(variable) for variable in job.env]
     names = {variable.get("name") for variable in own}
     return [variable for variable in environment if variable["name"] not in names] + own
 
 
-def _resources(job: JobSpec) -> dict[str, Any]:
+def _resources(job: JobSpec, settings: OperatorSettings) -> dict[str, Any]:
     resources = job.resources or {}
     # Quantities travel as strings ("8", "32Gi"); the API server parses them.
     limits = {name: str(value) for name, value in (resources.get("limits") or {}).items()}
     requests = {name: str(value) for name, value in (resources.get("requests") or {}).items()}
     if job.gpus:
-        limits["nvidia.com/gpu"] = str(job.gpus)
+        limits[settings.gpu_resource] = str(job.gpus)
     result: dict[str, Any] = {}
     if limits:
         result["limits"] = limits

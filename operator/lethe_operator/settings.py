@@ -28,7 +28,15 @@ class OperatorSettings:
     store_uri: str | None = None  # used for lineages without spec.store
     s3_endpoint_url: str | None = None  # given to the trainer as AWS_ENDPOINT_URL_S3 too
     credentials_secret: str | None = None  # envFrom Secret for init Jobs and requests without one
-    init_gpus: int = 1  # nvidia.com/gpu of the init Job (preparation fine-tunes the base model)
+    init_gpus: int = 1  # GPUs of the init Job (preparation fine-tunes the base model)
+    # Defaults of every trainer Job; a request's spec.job overrides each of them.
+    gpu_resource: str = "nvidia.com/gpu"  # extended resource the GPU device plugin advertises
+    node_selector: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    tolerations: tuple[Mapping[str, object], ...] = ()
+    image_pull_secrets: tuple[str, ...] = ()
+    image_pull_policy: str | None = None
+    service_account_name: str | None = None
+    pushgateway_url: str | None = None  # given to trainers as LETHE_PUSHGATEWAY_URL
     metrics_port: int = 8000
     metrics_address: str = "0.0.0.0"
     # Seconds between retries of a lineage whose reconcile failed (doubling up to 60 s).
@@ -61,10 +69,29 @@ def from_environment(environ: Mapping[str, str] | None = None) -> OperatorSettin
         s3_endpoint_url=env.get("LETHE_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3") or None,
         credentials_secret=env.get("LETHE_CREDENTIALS_SECRET") or None,
         init_gpus=int(env.get("LETHE_INIT_GPUS", default.init_gpus)),
+        gpu_resource=env.get("LETHE_TRAINER_GPU_RESOURCE") or default.gpu_resource,
+        node_selector=_json_value(env, "LETHE_TRAINER_NODE_SELECTOR", dict) or {},
+        tolerations=tuple(_json_value(env, "LETHE_TRAINER_TOLERATIONS", list) or ()),
+        image_pull_secrets=tuple(item["name"] if isinstance(item, dict) else str(item)
+                                 for item in _json_value(env, "LETHE_TRAINER_IMAGE_PULL_SECRETS", list) or ()),
+        image_pull_policy=env.get("LETHE_TRAINER_IMAGE_PULL_POLICY") or None,
+        service_account_name=env.get("LETHE_TRAINER_SERVICE_ACCOUNT") or None,
+        pushgateway_url=env.get("LETHE_PUSHGATEWAY_URL") or None,
         metrics_port=int(env.get("LETHE_METRICS_PORT", default.metrics_port)),
         metrics_address=env.get("LETHE_METRICS_ADDRESS", default.metrics_address),
         retry_seconds=float(env.get("LETHE_RETRY_SECONDS", default.retry_seconds)),
     )
+
+
+def _json_value(env: Mapping[str, str], name: str, kind: type) -> object:
+    """Parse variable NAME as JSON of type KIND; empty or "null" gives None."""
+    text = env.get(name, "").strip()
+    if not text or text == "null":
+        return None
+    value = json.loads(text)
+    if not isinstance(value, kind):
+        raise ValueError(f"{name}={text!r} is not a JSON {kind.__name__}: set it to a JSON {kind.__name__} or unset it")
+    return value
 
 
 _current: OperatorSettings | None = None

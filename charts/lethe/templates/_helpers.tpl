@@ -96,18 +96,8 @@ operator 0.1.0 does not read yet; NOTES.txt warns when they are set.
   value: {{ .Values.trainer.imagePullSecrets | toJson | quote }}
 - name: LETHE_TRAINER_SERVICE_ACCOUNT
   value: {{ .Values.trainer.serviceAccountName | quote }}
-{{- end }}
-
-{{/* Values set away from their defaults that operator 0.1.0 does not read yet. */}}
-{{- define "lethe.unreadTrainerValues" -}}
-{{- $unread := list }}
-{{- if ne .Values.trainer.gpu.resourceName "nvidia.com/gpu" }}{{ $unread = append $unread "trainer.gpu.resourceName" }}{{ end }}
-{{- if .Values.trainer.nodeSelector }}{{ $unread = append $unread "trainer.nodeSelector" }}{{ end }}
-{{- if .Values.trainer.tolerations }}{{ $unread = append $unread "trainer.tolerations" }}{{ end }}
-{{- if .Values.trainer.imagePullSecrets }}{{ $unread = append $unread "trainer.imagePullSecrets" }}{{ end }}
-{{- if .Values.trainer.serviceAccountName }}{{ $unread = append $unread "trainer.serviceAccountName" }}{{ end }}
-{{- if ne .Values.trainer.image.pullPolicy "IfNotPresent" }}{{ $unread = append $unread "trainer.image.pullPolicy" }}{{ end }}
-{{- join ", " $unread }}
+- name: LETHE_PUSHGATEWAY_URL
+  value: {{ .Values.trainer.pushgatewayUrl | quote }}
 {{- end }}
 
 {{/*
