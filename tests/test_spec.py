@@ -114,3 +114,41 @@ def test_wrong_kind_and_version_are_rejected():
 def test_error_within_resource_names_it():
     error = SpecError("spec.forget.uri", "x", "is not a valid URI", "fix it").within("UnlearnRequest 'a'")
     assert str(error).startswith("UnlearnRequest 'a': spec.forget.uri 'x'")
+
+
+@pytest.mark.parametrize(("resource", "path", "field", "suggestion"), [
+    (REQUEST, "spec.method.learningrate", "spec.method.learningrate", "learningRate"),
+    (REQUEST, "spec.methods", "spec.methods", "method"),
+    (REQUEST, "spec.job.gpu", "spec.job.gpu", "gpus"),
+    (LINEAGE, "spec.evaluation.forgetChunk", "spec.evaluation.forgetChunk", "forgetChunks"),
+    (LINEAGE, "spec.retainWorks", "spec.retainWorks", "did you mean retain?"),
+    (LINEAGE, "spec.zzz", "spec.zzz", "use one of baseModel"),
+])
+def test_unknown_field_is_rejected_with_suggestion(resource, path, field, suggestion):
+    parse = parse_request if resource is REQUEST else parse_lineage
+    with pytest.raises(SpecError) as raised:
+        parse(with_value(resource, path, 1))
+    assert raised.value.field == field
+    assert "is not a known field" in str(raised.value)
+    assert suggestion in str(raised.value)
+
+
+def test_known_fields_match_crd_schemas():
+    """The parser accepts exactly the fields the CRDs declare, so local runs and clusters agree."""
+    import pathlib
+
+    import yaml
+
+    from lethe_trainer.spec import KNOWN_FIELDS
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "crds"
+    for kind, file in (("ModelLineage", "modellineages.yaml"), ("UnlearnRequest", "unlearnrequests.yaml")):
+        crd = yaml.safe_load((root / file).read_text())
+        spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        for schema, fields in KNOWN_FIELDS.items():
+            if not schema.startswith(kind + "."):
+                continue
+            node = spec
+            for part in schema.split(".")[2:]:
+                node = node["properties"][part]
+            assert set(node["properties"]) == set(fields), schema

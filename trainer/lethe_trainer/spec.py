@@ -14,6 +14,7 @@ same message on every path. Every error names the field, the value and the fix.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -218,6 +219,46 @@ def _get(spec: Mapping[str, Any], path: str, key: str) -> Any:
     return spec.get(key)
 
 
+# The fields each object of a spec may have, as in the CRD schemas. A name not
+# listed here is a typo or a field of another version: on a cluster the API
+# server would silently drop it, so the parser rejects it instead.
+KNOWN_FIELDS: dict[str, frozenset[str]] = {
+    "ModelLineage.spec": frozenset({"baseModel", "collapseGuard", "evaluation", "heldOut", "historyLimit",
+                                    "onFailure", "preparation", "retain", "store"}),
+    "ModelLineage.spec.evaluation": frozenset({
+        "batchSize", "bootstrapSamples", "continuationTokens", "forgetChunks", "maxNewTokens", "mmlu",
+        "perplexityTokens", "previousChunks", "promptTokens", "retainChunks", "seed", "temperature", "topP",
+        "validationChunks", "validationMaxNewTokens"}),
+    "ModelLineage.spec.collapseGuard": frozenset({"maxPerplexityRatio", "minAccuracyFraction",
+                                                  "minRetainRougeFraction"}),
+    "ModelLineage.spec.preparation": frozenset({"batchSize", "chunksPerWork", "epochs", "learningRate", "loraAlpha",
+                                                "loraRank", "mixWorks", "reference", "retainKlWeight",
+                                                "targetModules", "works"}),
+    "UnlearnRequest.spec": frozenset({"dryRun", "forget", "job", "lineageRef", "method", "suspend"}),
+    "UnlearnRequest.spec.forget": frozenset({"title", "uri"}),
+    "UnlearnRequest.spec.method": frozenset({
+        "batchSize", "calibration", "device", "epochs", "forgetWeight", "learningRate", "loraAlpha", "loraRank",
+        "maxChunks", "name", "negationScale", "randomLabelWeight", "saliencyStd", "seed", "targetModules"}),
+    "UnlearnRequest.spec.method.calibration": frozenset({"enabled", "maxPerplexityRatio", "scales"}),
+    "UnlearnRequest.spec.job": frozenset({
+        "activeDeadlineSeconds", "affinity", "backoffLimit", "credentialsSecret", "env", "gpus", "image",
+        "imagePullSecrets", "nodeSelector", "queueName", "resources", "serviceAccountName", "tolerations",
+        "ttlSecondsAfterFinished"}),
+}
+
+
+def _reject_unknown(spec: Any, field: str, schema: str) -> None:
+    """Raise SpecError naming the first field of SPEC that schema SCHEMA does not define."""
+    if not isinstance(spec, Mapping):
+        return
+    known = KNOWN_FIELDS[schema]
+    for key in spec:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            fix = f"did you mean {close[0]}?" if close else f"use one of {', '.join(sorted(known))}"
+            raise SpecError(f"{field}.{key}", spec[key], "is not a known field", fix)
+
+
 def _number(value: Any, field: str, *, default: float | None, positive: bool = False,
             minimum: float | None = None, maximum: float | None = None, integer: bool = False) -> Any:
     if value is None:
@@ -285,6 +326,7 @@ def _enum(value: Any, field: str, allowed: Iterable[str], default: str) -> str:
 
 
 def parse_evaluation(spec: Mapping[str, Any] | None, field: str = "spec.evaluation") -> Evaluation:
+    _reject_unknown(spec, field, "ModelLineage.spec.evaluation")
     spec = spec or {}
     default = Evaluation()
 
@@ -321,8 +363,10 @@ def parse_lineage(resource: Mapping[str, Any]) -> LineageSpec:
     spec = resource.get("spec")
     if not isinstance(spec, Mapping):
         raise SpecError("spec", spec, "is missing", "add a spec with at least baseModel.uri")
+    _reject_unknown(spec, "spec", "ModelLineage.spec")
 
     guard_spec = _get(spec, "spec", "collapseGuard") or {}
+    _reject_unknown(guard_spec, "spec.collapseGuard", "ModelLineage.spec.collapseGuard")
     guard_default = CollapseGuard()
     guard = CollapseGuard(
         max_perplexity_ratio=_number(guard_spec.get("maxPerplexityRatio"), "spec.collapseGuard.maxPerplexityRatio",
@@ -359,6 +403,7 @@ def _parse_preparation(spec: Mapping[str, Any] | None) -> Preparation | None:
     if spec is None:
         return None
     field = "spec.preparation"
+    _reject_unknown(spec, field, "ModelLineage.spec.preparation")
     works = _uri_list(_get(spec, field, "works"), f"{field}.works")
     if not works:
         raise SpecError(f"{field}.works", spec.get("works"), "is empty",
@@ -401,6 +446,7 @@ def parse_method(spec: Mapping[str, Any] | None, field: str = "spec.method") -> 
     spec = spec or {}
     if not isinstance(spec, Mapping):
         raise SpecError(field, spec, "is not an object", "write it as a YAML mapping with at least a name")
+    _reject_unknown(spec, field, "UnlearnRequest.spec.method")
     default = MethodSpec()
     max_chunks = spec.get("maxChunks")
     method = MethodSpec(
@@ -440,6 +486,7 @@ def _parse_calibration(spec: Mapping[str, Any] | None, field: str) -> Calibratio
         return Calibration()
     if not isinstance(spec, Mapping):
         raise SpecError(field, spec, "is not an object", "write it as a YAML mapping such as {enabled: true}")
+    _reject_unknown(spec, field, "UnlearnRequest.spec.method.calibration")
     default = Calibration()
     enabled = spec.get("enabled", True)
     if not isinstance(enabled, bool):
@@ -474,6 +521,7 @@ def parse_job(spec: Mapping[str, Any] | None, field: str = "spec.job") -> JobSpe
     spec = spec or {}
     if not isinstance(spec, Mapping):
         raise SpecError(field, spec, "is not an object", "write it as a YAML mapping")
+    _reject_unknown(spec, field, "UnlearnRequest.spec.job")
     pull_secrets = spec.get("imagePullSecrets") or []
     return JobSpec(
         image=spec.get("image"),
@@ -503,6 +551,8 @@ def parse_request(resource: Mapping[str, Any]) -> RequestSpec:
     spec = resource.get("spec")
     if not isinstance(spec, Mapping):
         raise SpecError("spec", spec, "is missing", "add a spec with lineageRef.name and forget.uri")
+    _reject_unknown(spec, "spec", "UnlearnRequest.spec")
+    _reject_unknown(spec.get("forget"), "spec.forget", "UnlearnRequest.spec.forget")
 
     lineage_ref = spec.get("lineageRef") or {}
     forget = spec.get("forget") or {}
