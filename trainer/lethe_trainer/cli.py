@@ -21,7 +21,7 @@ logger = logging.getLogger("lethe")
 
 def _run(args: argparse.Namespace) -> int:
     from . import report
-    from .runner import LocalRunner, plan_lineages, quick_lineage, quick_request, read_resources
+    from .runner import LocalRunner, plan_lineages, quick_lineage, quick_request, read_resources, requests_of
 
     started = time.monotonic()
     output = args.output.resolve()
@@ -44,7 +44,7 @@ def _run(args: argparse.Namespace) -> int:
     runner = LocalRunner(store_uri=store_uri, work_dir=output, show_progress=not args.no_progress)
     failed = False
     for lineage in lineages:
-        group = requests.get(lineage.name, [])
+        group = requests_of(requests, lineage)
         _describe(lineage, group)
         outcome = runner.run_lineage(lineage, group)
         rows = report.table_rows(outcome.base, outcome.steps)

@@ -76,7 +76,7 @@ def table_rows(base: dict[str, Any], steps: Sequence[Any]) -> list[list[str]]:
             _perplexity(figures),
             _accuracy(figures),
             f"{manifest['timings']['total_seconds']:.0f}",
-            outcome.status,
+            outcome.status if outcome.status != "Collapsed" else f"Collapsed: {outcome.message}",
         ])
     return rows
 

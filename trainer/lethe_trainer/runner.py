@@ -15,6 +15,7 @@ again from the start.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import subprocess
@@ -79,32 +80,64 @@ def plan_lineages(documents: Sequence[dict[str, Any]]) -> tuple[list[LineageSpec
         except SpecError as error:
             raise error.within(f"{kind} {name!r}") from None
 
-    grouped: dict[str, list[RequestSpec]] = {lineage.name: [] for lineage in lineages.values()}
+    grouped: dict[str, list[RequestSpec]] = {_key(lineage.namespace, lineage.name): [] for lineage in lineages.values()}
+    positions: dict[int, int] = {}
     for position, request in requests:
         if (request.namespace, request.lineage) not in lineages:
             raise SpecError("spec.lineageRef.name", request.lineage,
                             f"names no ModelLineage in namespace {request.namespace!r}",
                             "add the ModelLineage to the files, or fix the name",
                             resource=f"UnlearnRequest {request.name!r}")
-        grouped[request.lineage].append(request)
+        check_inputs(request)
+        grouped[_key(request.namespace, request.lineage)].append(request)
+        positions[id(request)] = position
 
-    # The gate's order: creation time, then name. Files without timestamps keep document order.
-    order = {id(r): p for p, r in requests}
-    for name in grouped:
-        grouped[name].sort(key=lambda r: (r.creation_timestamp or "", order[id(r)] if not r.creation_timestamp else 0,
-                                          r.name))
+    # The gate's order: creation time, then name. Requests without a timestamp
+    # (files written by hand) keep their document order after the timestamped ones.
+    for group in grouped.values():
+        group.sort(key=lambda r: (r.creation_timestamp is None, str(r.creation_timestamp or ""), positions[id(r)],
+                                  r.name))
     return list(lineages.values()), grouped
+
+
+def _key(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}"
+
+
+def requests_of(requests: dict[str, list[RequestSpec]], lineage: LineageSpec) -> list[RequestSpec]:
+    """Return the requests of LINEAGE from a plan_lineages grouping."""
+    return requests.get(_key(lineage.namespace, lineage.name), [])
+
+
+def check_inputs(request: RequestSpec) -> None:
+    """Raise SpecError for a work URI that cannot be read, before any lineage work starts."""
+    from . import sources
+
+    uri = request.forget_uri
+    field = "spec.forget.uri"
+    resource = f"UnlearnRequest {request.name!r}"
+    if uri.startswith("demo:") and uri.removeprefix("demo:") not in sources.catalogue():
+        raise SpecError(field, uri, "is not a demo source",
+                        f"use one of {', '.join('demo:' + n for n in sorted(sources.catalogue()))}", resource=resource)
+    if uri.startswith("file://"):
+        path = Path(uri.removeprefix("file://"))
+        if not path.is_absolute():
+            raise SpecError(field, uri, "is not an absolute path", "write file:///ABSOLUTE/PATH", resource=resource)
+        if not path.is_file():
+            raise SpecError(field, uri, "does not exist", "check the path, or copy the work there first",
+                            resource=resource)
 
 
 def quick_lineage(lineage: LineageSpec) -> LineageSpec:
     """Shrink evaluation and preparation to a smoke-test size."""
     evaluation = dataclasses.replace(lineage.evaluation, forget_chunks=4, previous_chunks=4, retain_chunks=4,
                                      max_new_tokens=24, perplexity_tokens=512, mmlu_questions=8,
-                                     bootstrap_samples=200, validation_chunks=4,
+                                     bootstrap_samples=200, validation_chunks=2,
                                      validation_max_new_tokens=min(lineage.evaluation.validation_max_new_tokens, 24))
     preparation = None
     if lineage.preparation is not None:
-        preparation = dataclasses.replace(lineage.preparation, chunks_per_work=4, epochs=2)
+        # Memorise the 4 scored chunks and the 2 validation chunks of each work.
+        preparation = dataclasses.replace(lineage.preparation, chunks_per_work=6, epochs=2)
     return dataclasses.replace(lineage, evaluation=evaluation, preparation=preparation)
 
 
@@ -121,7 +154,7 @@ class LocalRunner:
         self.show_progress = show_progress
 
     def run(self, lineages: Sequence[LineageSpec], requests: dict[str, list[RequestSpec]]) -> list[LineageOutcome]:
-        return [self.run_lineage(lineage, requests.get(lineage.name, [])) for lineage in lineages]
+        return [self.run_lineage(lineage, requests_of(requests, lineage)) for lineage in lineages]
 
     def run_lineage(self, lineage: LineageSpec, requests: Sequence[RequestSpec]) -> LineageOutcome:
         from .store import open_lineage_store
@@ -160,6 +193,12 @@ class LocalRunner:
 
         sequence = len(chain) + 1
         step_id = _free_step_id(store, f"{sequence:04d}-{request.name}", parent=head_step)
+        manifest = store.read_step(step_id)
+        if manifest is not None and manifest["request"]["name"] == request.name:
+            # Committed by an earlier run but not promoted (collapsed, or the run
+            # stopped before the head moved): judge it again instead of retraining.
+            logger.info("Request %s already has committed step %s; checking it again", request.name, step_id)
+            return self._judge(store, lineage, request, base, step_id, manifest)
         request_file = self._write_resource(f"request-{request.name}.yaml", _request_resource(request))
         arguments = ["step", "--lineage", str(lineage_file), "--request", str(request_file), "--store", store_uri,
                      "--step-id", step_id, "--sequence", str(sequence)]
@@ -172,6 +211,11 @@ class LocalRunner:
             message = _termination_message(self.work_dir) or f"trainer exited with code {result.returncode}"
             return StepOutcome(request.name, None, "Failed", message)
 
+        return self._judge(store, lineage, request, base, step_id, manifest)
+
+    def _judge(self, store, lineage: LineageSpec, request: RequestSpec, base: dict[str, Any], step_id: str,
+               manifest: dict[str, Any]) -> StepOutcome:
+        """Promote a committed step to head unless the collapse guard rejects it."""
         verdict = check_collapse(base, manifest, lineage.collapse_guard)
         if verdict.collapsed:
             return StepOutcome(request.name, step_id, "Collapsed", verdict.message, manifest)
@@ -207,8 +251,15 @@ def _free_step_id(store, candidate: str, *, parent: str | None) -> str:
 
 
 def _termination_message(work_dir: Path) -> str | None:
+    """Return the message of the trainer's JSON termination summary (or its raw text)."""
     path = work_dir / "termination-log"
-    return path.read_text(encoding="utf-8") if path.exists() else None
+    if not path.exists():
+        return None
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text).get("message") or text
+    except (ValueError, AttributeError):
+        return text
 
 
 # The trainer subprocess receives the effective (possibly --quick) settings as resources.
