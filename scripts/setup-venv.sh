@@ -2,8 +2,8 @@
 # Create ./.venv and install Lethe into it with the extras named as arguments
 # (for example: trainer, or trainer operator test). Safe to run again.
 #
-# torch is pinned to the CPU build of 2.13.0, which pip takes from this
-# machine kind's local wheel cache when it has one, and from PyPI otherwise.
+# torch is pinned to 2.13.0 (pyproject.toml); pip takes a locally cached
+# wheel of it when one is configured, and downloads it otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
