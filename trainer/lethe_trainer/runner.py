@@ -165,7 +165,7 @@ class LocalRunner:
 
         if store.read_base() is None:
             logger.info("Initialising lineage %s/%s", lineage.namespace, lineage.name)
-            self._trainer(["init", "--lineage", str(lineage_file), "--store", store_uri], what="initialisation")
+            self._trainer(["init", "--lineage", str(lineage_file), "--store", store_uri], description="initialisation")
         base = store.read_base()
 
         outcomes: list[StepOutcome] = []
@@ -205,7 +205,7 @@ class LocalRunner:
         if head_step:
             arguments += ["--parent-step-id", head_step]
         logger.info("Running %s as step %s of lineage %s", request.name, step_id, lineage.name)
-        result = self._trainer(arguments, what=f"request {request.name}", check=False)
+        result = self._trainer(arguments, description=f"request {request.name}", check=False)
         manifest = store.read_step(step_id)
         if result.returncode != 0 or manifest is None:
             message = _termination_message(self.work_dir) or f"trainer exited with code {result.returncode}"
@@ -222,7 +222,7 @@ class LocalRunner:
         store.set_head(step_id, "promote", {"request": request.name})
         return StepOutcome(request.name, step_id, "Promoted", verdict.message, manifest)
 
-    def _trainer(self, arguments: list[str], *, what: str, check: bool = True) -> subprocess.CompletedProcess:
+    def _trainer(self, arguments: list[str], *, description: str, check: bool = True) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "lethe_trainer.job", *arguments]
         if not self.show_progress:
             command.append("--no-progress")
@@ -231,7 +231,7 @@ class LocalRunner:
         result = subprocess.run(command, env=environment)
         if check and result.returncode != 0:
             message = _termination_message(self.work_dir) or f"exit code {result.returncode}"
-            raise RuntimeError(f"trainer {what} failed: {message}")
+            raise RuntimeError(f"trainer {description} failed: {message}")
         return result
 
     def _write_resource(self, name: str, resource: dict[str, Any]) -> Path:
