@@ -252,7 +252,7 @@ def _make_reference(model, directory: Path, tokenizer, lineage: LineageSpec, ret
 
     logger.info("Preparing the reference model of lineage %s on %d mix chunks", lineage.name, len(mix))
     reference_model = load_model(directory, device=device)
-    report = memorise(reference_model, tokenizer, mix, preparation, retain_texts=_token_texts(retain_chunks),
+    report = memorise(reference_model, tokenizer, mix, preparation, retain_texts=_token_sequences(retain_chunks),
                       seed=lineage.evaluation.seed, show_progress=show_progress)
     figures = _score_with_prepared_works(reference_model, tokenizer, lineage, retain_chunks, prepared,
                                          label="reference", show_progress=show_progress)
@@ -291,7 +291,7 @@ def _score_chunks(model, tokenizer, chunks: Sequence[Chunk], settings: Evaluatio
     return result
 
 
-def _token_texts(chunks: Sequence[Chunk]) -> list[list[int]]:
+def _token_sequences(chunks: Sequence[Chunk]) -> list[list[int]]:
     return [list(c.prompt_ids) + list(c.continuation_ids) for c in chunks]
 
 
@@ -305,7 +305,7 @@ def _prepare(model, tokenizer, lineage: LineageSpec, prepared: Sequence[Prepared
         works.append({"uri": item.uri, "sha256": item.work.sha256, "chunks": [c.index for c in item.training],
                       "total_chunks": len(item.ordered)})
     report = memorise(model, tokenizer, chunks + list(mix), lineage.preparation,
-                      retain_texts=_token_texts(retain_chunks), seed=lineage.evaluation.seed,
+                      retain_texts=_token_sequences(retain_chunks), seed=lineage.evaluation.seed,
                       show_progress=show_progress)
     return {"settings": dataclasses.asdict(lineage.preparation), "works": works, "mix": mix_record, "report": report}
 
