@@ -4,7 +4,7 @@ The test API server (Kubernetes 1.20) drops ``x-kubernetes-validations``, so
 each CEL rule is compiled and evaluated here with cel-python against objects
 that must pass and objects that must fail. Values are converted to CEL types
 as the API server does, from the schema (a ``number`` field contains a double
-even when the YAML says ``0``). The schema tests check that the CRDs and
+even when the YAML writes ``0``). The schema tests check that the CRDs and
 ``lethe_trainer.spec`` agree on patterns and enums, and that every field has
 a description for ``kubectl explain``.
 

@@ -257,7 +257,7 @@ def validate_request(request: Mapping[str, Any], *, lineage: Mapping[str, Any] |
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """One request of a lineage, as the gate sees it."""
+    """One request of a lineage, with the fields the gate orders it by."""
 
     name: str
     uid: str

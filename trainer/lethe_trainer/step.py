@@ -44,7 +44,7 @@ MetricsCallback = Callable[[dict[str, Any]], None]
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-    """Where a request's step sits in its lineage."""
+    """Position of a request's step in its lineage."""
 
     step_id: str
     sequence: int
@@ -402,7 +402,7 @@ def run_step(lineage: LineageSpec, request: RequestSpec, store, plan: StepPlan, 
         "parent_step_id": plan.parent_step_id,
         "lineage": {"namespace": lineage.namespace, "name": lineage.name},
         "request": {"namespace": request.namespace, "name": request.name},
-        # The store rebuilds the head with method.negation_scale, so it holds the scale actually applied.
+        # The store rebuilds the head with method.negation_scale, so it records the scale actually applied.
         "method": {**dataclasses.asdict(request.method), "negation_scale": negation_scale},
         "inputs": {
             "forget": {"uri": work.uri, "sha256": work.sha256, "title": work.label, "total_chunks": len(ordered),
