@@ -15,10 +15,10 @@ CE is the token-level cross-entropy over continuation tokens only: prompt,
 template and padding tokens carry the label -100 and never enter the loss.
 
 The saliency mask is applied once, to the gradient the optimizer uses, and no
-second backward pass adds the unmasked gradient back. Because AdamW keeps
-moments from earlier steps, a weight outside this step's mask could still
-drift; the step therefore also restores every masked-out element after the
-optimizer update, so only salient weights move at every step.
+second backward pass adds the unmasked gradient back. AdamW keeps moments
+from earlier steps, so a weight outside this step's mask could still drift.
+The step therefore restores every masked-out element after the optimizer
+update, and only salient weights move at every step.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Both read their inputs and write their outputs only through the lineage
 store, so the same code runs in a Kubernetes Job and in the local runner.
-A step is committed by the store when its manifest is written, after its
-task vector; a step that fails or is killed before that leaves the lineage
-exactly as it was, and running it again starts over.
+A step is committed when the store writes its manifest, after its task
+vector. A step that fails or is killed before that leaves the lineage
+exactly as it was, so running it again starts over.
 
 The base of step t is always the model of its parent step (theta_(t-1)),
 rebuilt from the lineage's theta_0 and the task vectors of the chain, never
