@@ -133,6 +133,20 @@ def test_reference_trains_on_mix_chunks_only(run):
     assert base["preparation"]["mix"]["chunks"] == mix_chunks
 
 
+def test_preparations_record_held_out_perplexity_per_epoch(run):
+    base = run["base"]
+    for report in (base["preparation"]["report"], base["reference"]["preparation"]["report"]):
+        epochs = report["epochs"]
+        assert [e["epoch"] for e in epochs] == [1]
+        assert epochs[0]["held_out_perplexity"] > 1
+    # Vanilla trained on more chunks than the reference, so their held-out figures differ.
+    assert (base["preparation"]["report"]["epochs"][0]["held_out_perplexity"]
+            != base["reference"]["preparation"]["report"]["epochs"][0]["held_out_perplexity"])
+    # The last epoch's figure is the vanilla model's own held-out perplexity, scored after the merge.
+    assert base["preparation"]["report"]["epochs"][-1]["held_out_perplexity"] == pytest.approx(
+        base["figures"]["held_out"]["perplexity"], rel=1e-3)
+
+
 def test_reference_figures_cover_protocol(run):
     base = run["base"]
     figures = base["reference"]["figures"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,11 +35,14 @@ logger = logging.getLogger(__name__)
 
 
 def memorise(model, tokenizer, chunks: Sequence[Chunk], preparation: Preparation, *,
-             retain_texts: Sequence[list[int]] = (), seed: int = 0, show_progress: bool = True) -> dict[str, Any]:
+             retain_texts: Sequence[list[int]] = (), seed: int = 0, show_progress: bool = True,
+             on_epoch: Callable[[int, Any], dict[str, Any] | None] | None = None) -> dict[str, Any]:
     """Fine-tune MODEL in place on CHUNKS and merge the adapter; return per-epoch losses and timing.
 
     RETAIN_TEXTS are token sequences for the KL term; they are used only when
-    ``preparation.retain_kl_weight`` is above 0.
+    ``preparation.retain_kl_weight`` is above 0. ON_EPOCH, when given, is
+    called after every epoch with the epoch number and the adapted model (in
+    eval mode); a mapping it returns is added to that epoch's record.
     """
     started = time.monotonic()
     device = next(model.parameters()).device
@@ -62,6 +65,7 @@ def memorise(model, tokenizer, chunks: Sequence[Chunk], preparation: Preparation
         order = list(range(len(examples)))
         rng.shuffle(order)
         losses = []
+        divergences = []
         for start in range(0, len(order), preparation.batch_size):
             batch = collate([examples[i] for i in order[start:start + preparation.batch_size]],
                             tokenizer.pad_token_id, device)
@@ -69,13 +73,23 @@ def memorise(model, tokenizer, chunks: Sequence[Chunk], preparation: Preparation
             loss = continuation_loss(peft_model, batch)
             if use_kl:
                 retain = retain_texts[rng.randrange(len(retain_texts))]
-                loss = loss + preparation.retain_kl_weight * _kl_to_base(peft_model, retain, device)
+                divergence = _kl_to_base(peft_model, retain, device)
+                divergences.append(divergence.item())
+                loss = loss + preparation.retain_kl_weight * divergence
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
             progress.update(1)
             progress.set_postfix(loss=f"{losses[-1]:.3f}")
         epochs.append({"epoch": epoch + 1, "mean_loss": sum(losses) / len(losses)})
+        if divergences:
+            epochs[-1]["mean_kl"] = sum(divergences) / len(divergences)
+        if on_epoch is not None:
+            peft_model.eval()
+            with torch.no_grad():
+                extra = on_epoch(epoch + 1, peft_model)
+            peft_model.train()
+            epochs[-1].update(extra or {})
         logger.info("Memorising epoch %d/%d: mean loss %.4f", epoch + 1, preparation.epochs, epochs[-1]["mean_loss"])
     progress.close()
 

@@ -60,6 +60,11 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+# Retain chunks drawn for the preparation's KL term: one is used per optimizer
+# step, so a few dozen cover a preparation of a few hundred steps.
+KL_RETAIN_CHUNKS = 64
+
+
 def model_dir(uri: str, *, s3_endpoint_url: str | None = None) -> Path:
     """Return a local Hugging Face model directory for a base model URI."""
     if uri.startswith("demo:"):
@@ -84,15 +89,33 @@ def work_chunks(work: Work, tokenizer, settings: Evaluation, *, field: str) -> l
 
 def retain_set(lineage: LineageSpec, tokenizer) -> tuple[list[Chunk], list[dict[str, Any]]]:
     """Return D_nor (sampled once per lineage from the retain works) and a record of its sources."""
-    settings = lineage.evaluation
+    pool, works = _retain_pool(lineage, tokenizer)
+    return sample(pool, lineage.evaluation.retain_chunks, seed=lineage.evaluation.seed), works
+
+
+def kl_retain_texts(lineage: LineageSpec, tokenizer, scored: Sequence[Chunk]) -> list[list[int]]:
+    """Token sequences from the retain works for the preparation's KL term, none of them a scored D_nor chunk.
+
+    Training on the scored chunks would hold the prepared model close to the
+    base exactly where D_nor is measured and flatter that figure.
+    """
+    if lineage.preparation is None or lineage.preparation.retain_kl_weight <= 0:
+        return []
+    pool, _ = _retain_pool(lineage, tokenizer)
+    excluded = {(c.work, c.index) for c in scored}
+    unscored = [c for c in pool if (c.work, c.index) not in excluded]
+    chosen = sample(unscored, KL_RETAIN_CHUNKS, seed=lineage.evaluation.seed + 1)
+    return [list(c.prompt_ids) + list(c.continuation_ids) for c in chosen]
+
+
+def _retain_pool(lineage: LineageSpec, tokenizer) -> tuple[list[Chunk], list[dict[str, Any]]]:
     pool: list[Chunk] = []
     works = []
     for index, uri in enumerate(lineage.retain_uris):
         work = read_work(uri, field=f"spec.retain.works[{index}].uri")
-        pool += work_chunks(work, tokenizer, settings, field=f"spec.retain.works[{index}].uri")
+        pool += work_chunks(work, tokenizer, lineage.evaluation, field=f"spec.retain.works[{index}].uri")
         works.append({"uri": uri, "sha256": work.sha256})
-    chosen = sample(pool, settings.retain_chunks, seed=settings.seed)
-    return chosen, works
+    return pool, works
 
 
 def held_out_text(lineage: LineageSpec) -> str | None:
@@ -252,8 +275,10 @@ def _make_reference(model, directory: Path, tokenizer, lineage: LineageSpec, ret
 
     logger.info("Preparing the reference model of lineage %s on %d mix chunks", lineage.name, len(mix))
     reference_model = load_model(directory, device=device)
-    report = memorise(reference_model, tokenizer, mix, preparation, retain_texts=_token_sequences(retain_chunks),
-                      seed=lineage.evaluation.seed, show_progress=show_progress)
+    report = memorise(reference_model, tokenizer, mix, preparation,
+                      retain_texts=kl_retain_texts(lineage, tokenizer, retain_chunks),
+                      seed=lineage.evaluation.seed, show_progress=show_progress,
+                      on_epoch=_held_out_each_epoch(lineage, tokenizer))
     figures = _score_with_prepared_works(reference_model, tokenizer, lineage, retain_chunks, prepared,
                                          label="reference", show_progress=show_progress)
     del reference_model
@@ -291,10 +316,6 @@ def _score_chunks(model, tokenizer, chunks: Sequence[Chunk], settings: Evaluatio
     return result
 
 
-def _token_sequences(chunks: Sequence[Chunk]) -> list[list[int]]:
-    return [list(c.prompt_ids) + list(c.continuation_ids) for c in chunks]
-
-
 def _prepare(model, tokenizer, lineage: LineageSpec, prepared: Sequence[PreparedWork], mix: Sequence[Chunk],
              mix_record: dict[str, Any] | None, retain_chunks: Sequence[Chunk], *,
              show_progress: bool) -> dict[str, Any]:
@@ -305,9 +326,23 @@ def _prepare(model, tokenizer, lineage: LineageSpec, prepared: Sequence[Prepared
         works.append({"uri": item.uri, "sha256": item.work.sha256, "chunks": [c.index for c in item.training],
                       "total_chunks": len(item.ordered)})
     report = memorise(model, tokenizer, chunks + list(mix), lineage.preparation,
-                      retain_texts=_token_sequences(retain_chunks), seed=lineage.evaluation.seed,
-                      show_progress=show_progress)
+                      retain_texts=kl_retain_texts(lineage, tokenizer, retain_chunks), seed=lineage.evaluation.seed,
+                      show_progress=show_progress, on_epoch=_held_out_each_epoch(lineage, tokenizer))
     return {"settings": dataclasses.asdict(lineage.preparation), "works": works, "mix": mix_record, "report": report}
+
+
+def _held_out_each_epoch(lineage: LineageSpec, tokenizer) -> Callable[[int, Any], dict[str, Any]] | None:
+    """An epoch hook recording held-out perplexity, so the base record shows how the damage grew; None without text."""
+    text = held_out_text(lineage)
+    if text is None:
+        return None
+
+    def hook(epoch: int, model) -> dict[str, Any]:
+        figure = evaluate.perplexity(model, tokenizer, text, max_tokens=lineage.evaluation.perplexity_tokens)
+        logger.info("After preparation epoch %d: held-out perplexity %.1f", epoch, figure["perplexity"])
+        return {"held_out_perplexity": figure["perplexity"]}
+
+    return hook
 
 
 def _directory_digest(directory: Path) -> str:
