@@ -34,7 +34,7 @@ import yaml
 
 from lethe_trainer import evaluate
 from lethe_trainer.model import load_model, load_tokenizer, resolve_device
-from lethe_trainer.prepare import memorise
+from lethe_trainer.prepare import memorise, scale_adapter
 from lethe_trainer.spec import parse_lineage
 from lethe_trainer.step import held_out_text, kl_retain_texts, model_dir, read_work, retain_set, work_chunks
 
@@ -74,6 +74,7 @@ def main() -> None:
     if args.target_modules:
         changes["target_modules"] = tuple(args.target_modules.split(","))
     preparation = dataclasses.replace(lineage.preparation, **changes)
+    lineage = dataclasses.replace(lineage, preparation=preparation)
     settings = lineage.evaluation
 
     directory = model_dir(lineage.base_model_uri)
@@ -114,22 +115,13 @@ def main() -> None:
         record({"epoch": epoch, **figures})
         if epoch == preparation.epochs:
             for fraction in fractions:
-                _scale_adapter(peft_model, fraction)
+                scale_adapter(peft_model, fraction)
                 record({"epoch": epoch, "fraction": fraction, **score(peft_model)})
-                _scale_adapter(peft_model, 1 / fraction)
+                scale_adapter(peft_model, 1 / fraction)
         return {"rougeL": figures["rougeL"]["mean"], "perplexity": figures["perplexity"]}
 
     memorise(model, tokenizer, training, preparation, retain_texts=retain_texts, seed=settings.seed,
              show_progress=False, on_epoch=after_epoch)
-
-
-def _scale_adapter(peft_model, factor: float) -> None:
-    """Multiply every LoRA layer's scaling by FACTOR, so the adapted weights become base + factor * delta."""
-    for module in peft_model.modules():
-        scaling = getattr(module, "scaling", None)
-        if isinstance(scaling, dict):
-            for name in scaling:
-                scaling[name] *= factor
 
 
 if __name__ == "__main__":

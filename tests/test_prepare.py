@@ -108,3 +108,22 @@ def test_on_epoch_sees_each_epoch_in_eval_mode(setting):
     assert seen == [(1, False, False), (2, False, False), (3, False, False)]
     assert [e["probe"] for e in report["epochs"]] == [10, 20, 30]
     assert all(e["mean_kl"] >= 0 for e in report["epochs"])
+
+
+def test_merge_fraction_scales_the_merged_update(setting):
+    lineage, model_directory, tokenizer = setting
+    chunks = _training_chunks(lineage, tokenizer)
+    base = load_model(model_directory, device=torch.device("cpu")).state_dict()
+    merged = {}
+    for fraction in (1.0, 0.5):
+        preparation = dataclasses.replace(lineage.preparation, merge_fraction=fraction, epochs=2, learning_rate=3e-2)
+        model = load_model(model_directory, device=torch.device("cpu"))
+        report = memorise(model, tokenizer, chunks, preparation, seed=5, show_progress=False)
+        assert report["merge_fraction"] == fraction
+        merged[fraction] = model.state_dict()
+    moved = [name for name in base if not torch.equal(merged[1.0][name], base[name])]
+    assert moved, "memorising must move some weights"
+    for name in moved:
+        full = merged[1.0][name] - base[name]
+        half = merged[0.5][name] - base[name]
+        torch.testing.assert_close(half, 0.5 * full, rtol=1e-4, atol=1e-6)

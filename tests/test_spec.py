@@ -102,6 +102,16 @@ def test_bad_lineage_value_names_field(path, value, field):
     assert field in str(raised.value)
 
 
+@pytest.mark.parametrize(("key", "value"), [("mergeFraction", 0), ("mergeFraction", 1.5), ("retainKlWeight", -1)])
+def test_bad_preparation_value_names_field(key, value):
+    prepared = with_value(LINEAGE, "spec.preparation.works", [{"uri": "file:///data/holmes.txt"}])
+    assert parse_lineage(prepared).preparation.merge_fraction == 1.0
+    with pytest.raises(SpecError) as raised:
+        parse_lineage(with_value(prepared, f"spec.preparation.{key}", value))
+    assert raised.value.field == f"spec.preparation.{key}"
+    assert str(value) in str(raised.value)
+
+
 def test_wrong_kind_and_version_are_rejected():
     with pytest.raises(SpecError) as raised:
         parse_request(with_value(REQUEST, "kind", "ModelLineage"))

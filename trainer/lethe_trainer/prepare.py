@@ -56,6 +56,9 @@ def memorise(model, tokenizer, chunks: Sequence[Chunk], preparation: Preparation
 
     examples = [build_example(tokenizer, c.prompt_ids, c.continuation_ids) for c in chunks]
     use_kl = preparation.retain_kl_weight > 0 and len(retain_texts) > 0
+    if preparation.retain_kl_weight > 0 and not retain_texts:
+        logger.warning("retainKlWeight is %g but there is no retain text to keep close to the base; "
+                       "memorising without the KL term", preparation.retain_kl_weight)
     rng = random.Random(seed)
     steps_per_epoch = (len(examples) + preparation.batch_size - 1) // preparation.batch_size
     progress = tqdm(total=steps_per_epoch * preparation.epochs, desc="memorising works", unit="step",
@@ -93,9 +96,21 @@ def memorise(model, tokenizer, chunks: Sequence[Chunk], preparation: Preparation
         logger.info("Memorising epoch %d/%d: mean loss %.4f", epoch + 1, preparation.epochs, epochs[-1]["mean_loss"])
     progress.close()
 
+    if preparation.merge_fraction != 1.0:
+        scale_adapter(peft_model, preparation.merge_fraction)
     peft_model.merge_and_unload()
     model.eval()
-    return {"epochs": epochs, "seconds": time.monotonic() - started, "kl": use_kl}
+    return {"epochs": epochs, "seconds": time.monotonic() - started, "kl": use_kl,
+            "merge_fraction": preparation.merge_fraction}
+
+
+def scale_adapter(peft_model, factor: float) -> None:
+    """Multiply every LoRA layer's scaling by FACTOR: the adapted weights become base + FACTOR * update."""
+    for module in peft_model.modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict):
+            for name in scaling:
+                scaling[name] *= factor
 
 
 def choose_mix_chunks(pool: Sequence[Chunk], count: int, *, seed: int) -> list[Chunk]:

@@ -305,7 +305,7 @@ def _preparation_resource(preparation: Preparation) -> dict[str, Any]:
         "epochs": preparation.epochs, "learningRate": preparation.learning_rate,
         "batchSize": preparation.batch_size, "loraRank": preparation.lora_rank, "loraAlpha": preparation.lora_alpha,
         "targetModules": list(preparation.target_modules), "retainKlWeight": preparation.retain_kl_weight,
-        "reference": preparation.reference,
+        "mergeFraction": preparation.merge_fraction, "reference": preparation.reference,
         "mixWorks": [{"uri": uri} for uri in preparation.mix_works],
     }
 

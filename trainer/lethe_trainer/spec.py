@@ -103,6 +103,10 @@ class Preparation:
     # Weight of a KL term that keeps the output distribution on retain text
     # close to the base model's while memorising; 0 disables it.
     retain_kl_weight: float = 0.0
+    # Share of the learned update merged into the weights: the vanilla model is
+    # base + mergeFraction * delta. Below 1 it gives up some memorisation for
+    # less damage.
+    merge_fraction: float = 1.0
     reference: bool = True  # also prepare a model without the forget works
     # Other text trained alongside the forget works, as many chunks as the forget
     # works give (1:1). The reference model is the same recipe on these alone.
@@ -232,7 +236,7 @@ KNOWN_FIELDS: dict[str, frozenset[str]] = {
     "ModelLineage.spec.collapseGuard": frozenset({"maxPerplexityRatio", "minAccuracyFraction",
                                                   "minRetainRougeFraction"}),
     "ModelLineage.spec.preparation": frozenset({"batchSize", "chunksPerWork", "epochs", "learningRate", "loraAlpha",
-                                                "loraRank", "mixWorks", "reference", "retainKlWeight",
+                                                "loraRank", "mergeFraction", "mixWorks", "reference", "retainKlWeight",
                                                 "targetModules", "works"}),
     "UnlearnRequest.spec": frozenset({"dryRun", "forget", "job", "lineageRef", "method", "suspend"}),
     "UnlearnRequest.spec.forget": frozenset({"title", "uri"}),
@@ -425,6 +429,8 @@ def _parse_preparation(spec: Mapping[str, Any] | None) -> Preparation | None:
         target_modules=_string_list(spec.get("targetModules"), f"{field}.targetModules", default.target_modules),
         retain_kl_weight=_number(spec.get("retainKlWeight"), f"{field}.retainKlWeight",
                                  default=default.retain_kl_weight, minimum=0.0),
+        merge_fraction=_number(spec.get("mergeFraction"), f"{field}.mergeFraction", default=default.merge_fraction,
+                               positive=True, maximum=1.0),
         reference=bool(spec.get("reference", default.reference)),
         mix_works=_uri_list(_get(spec, field, "mixWorks"), f"{field}.mixWorks"),
     )
