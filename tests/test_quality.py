@@ -133,7 +133,7 @@ def test_reference_trains_on_mix_chunks_only(run):
     assert base["preparation"]["mix"]["chunks"] == mix_chunks
 
 
-def test_preparations_record_held_out_perplexity_per_epoch(run):
+def test_preparation_records_epoch_perplexity(run):
     base = run["base"]
     for report in (base["preparation"]["report"], base["reference"]["preparation"]["report"]):
         epochs = report["epochs"]
@@ -438,6 +438,16 @@ def test_table_shows_reference_and_distance(run):
     expected = f"{entry['difference']:+.3f}{'' if entry['overlap'] else report.SEPARATED}"
     assert distance[1][6].endswith(expected)
     assert "compared with" in report.format_table(distance, report.DISTANCE_HEADER)
+
+
+def test_report_shows_perplexity_by_epoch(run):
+    base = run["base"]
+    line = report.preparation_line(base)
+    epoch_figure = base["preparation"]["report"]["epochs"][0]["held_out_perplexity"]
+    untouched = base["base_figures"]["held_out"]["perplexity"]
+    assert f"by epoch {epoch_figure:.1f}" in line
+    assert f"{untouched:.1f} before" in line
+    assert report.preparation_line({**base, "preparation": None}) is None
 
 
 def test_plots_written(run, tmp_path):

@@ -51,6 +51,9 @@ def _run(args: argparse.Namespace) -> int:
         print()
         print(f"Lineage {lineage.namespace}/{lineage.name} (store {outcome.store_uri})")
         print(report.format_table(rows))
+        prepared = report.preparation_line(outcome.base)
+        if prepared is not None:
+            print(prepared)
         manifests = [step.manifest for step in outcome.steps if step.manifest is not None]
         print(f"\nDistance to the reference ({report.SEPARATED}: the 95 % intervals do not overlap)")
         print(report.format_table(report.distance_rows(manifests), report.DISTANCE_HEADER))

@@ -95,6 +95,23 @@ HEADER = ["step", "work", "D_f before R-1/R-L", "D_f after R-1/R-L", "D_prev R-1
           "perplexity", "accuracy", "seconds", "status"]
 
 
+def preparation_line(base: dict[str, Any]) -> str | None:
+    """Return how held-out perplexity grew over the preparation's epochs, or None when nothing was prepared."""
+    preparation = base.get("preparation")
+    if not preparation:
+        return None
+    figures = [e.get("held_out_perplexity") for e in preparation["report"]["epochs"]]
+    if None in figures:
+        return None
+    settings = preparation["settings"]
+    start = ((base.get("base_figures") or (base.get("reference") or {}).get("figures") or {}).get("held_out")
+             or {}).get("perplexity")
+    before = f"{start:.1f} before, " if start is not None else ""
+    return (f"Preparation ({settings['epochs']} epochs, KL weight {settings['retain_kl_weight']:g}, "
+            f"merge fraction {settings.get('merge_fraction', 1.0):g}): held-out perplexity {before}"
+            f"then by epoch {', '.join(f'{f:.1f}' for f in figures)}")
+
+
 def format_table(rows: Sequence[Sequence[str]], header: Sequence[str] = HEADER) -> str:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(header, widths))]

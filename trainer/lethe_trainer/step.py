@@ -94,7 +94,7 @@ def retain_set(lineage: LineageSpec, tokenizer) -> tuple[list[Chunk], list[dict[
 
 
 def kl_retain_texts(lineage: LineageSpec, tokenizer, scored: Sequence[Chunk]) -> list[list[int]]:
-    """Token sequences from the retain works for the preparation's KL term, none of them a scored D_nor chunk.
+    """Return token sequences from the retain works for the KL term, none of them a scored D_nor chunk.
 
     Training on the scored chunks would hold the prepared model close to the
     base exactly where D_nor is measured and flatter that figure.
@@ -332,7 +332,7 @@ def _prepare(model, tokenizer, lineage: LineageSpec, prepared: Sequence[Prepared
 
 
 def _held_out_each_epoch(lineage: LineageSpec, tokenizer) -> Callable[[int, Any], dict[str, Any]] | None:
-    """An epoch hook recording held-out perplexity, so the base record shows how the damage grew; None without text."""
+    """Return an epoch hook that records held-out perplexity, or None when the lineage has no held-out text."""
     text = held_out_text(lineage)
     if text is None:
         return None
