@@ -2,9 +2,10 @@
 
 Usage: python benchmarks/preparation_frontier.py study.jsonl [--base-perplexity 38.5] [--plot frontier.png]
 
-Prints one markdown table row per recipe and epoch (and per merge fraction),
-with D_f ROUGE-L and its 95 % interval, held-out perplexity and its ratio to
-the base, and the chunks a mean would need for an interval of +/- 0.03.
+Prints one markdown table row per recipe and epoch, and per merge fraction.
+A row has D_f ROUGE-L with its 95 % interval, held-out perplexity with its
+ratio to the base, and the chunks a mean would need for an interval of
++/- 0.03.
 With --plot it draws perplexity against D_f ROUGE-L, one line per recipe.
 """
 
