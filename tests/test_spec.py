@@ -112,6 +112,14 @@ def test_bad_preparation_value_names_field(key, value):
     assert str(value) in str(raised.value)
 
 
+def test_chunks_per_work_defaults_to_scored_and_validation():
+    prepared = with_value(LINEAGE, "spec.preparation.works", [{"uri": "file:///data/holmes.txt"}])
+    prepared = with_value(prepared, "spec.evaluation", {"forgetChunks": 12, "validationChunks": 5})
+    assert parse_lineage(prepared).preparation.chunks_per_work == 17
+    explicit = with_value(prepared, "spec.preparation.chunksPerWork", 40)
+    assert parse_lineage(explicit).preparation.chunks_per_work == 40
+
+
 def test_wrong_kind_and_version_are_rejected():
     with pytest.raises(SpecError) as raised:
         parse_request(with_value(REQUEST, "kind", "ModelLineage"))

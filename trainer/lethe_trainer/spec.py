@@ -93,6 +93,7 @@ class Preparation:
     """
 
     works: tuple[str, ...]
+    # Without spec.preparation.chunksPerWork, parse_lineage sets forgetChunks + validationChunks.
     chunks_per_work: int = 16
     epochs: int = 8
     learning_rate: float = 1e-3
@@ -382,7 +383,12 @@ def parse_lineage(resource: Mapping[str, Any]) -> LineageSpec:
                                       default=guard_default.min_accuracy_fraction, minimum=0.0, maximum=1.0),
     )
 
+    evaluation = parse_evaluation(spec.get("evaluation"))
     preparation = _parse_preparation(spec.get("preparation"))
+    if preparation is not None and "chunksPerWork" not in (spec.get("preparation") or {}):
+        # Memorise every chunk the lineage scores or validates on, so both measure memorised text.
+        preparation = dataclasses.replace(preparation,
+                                          chunks_per_work=evaluation.forget_chunks + evaluation.validation_chunks)
     held_out_uri = _uri(_get(_get(spec, "spec", "heldOut") or {}, "spec.heldOut", "uri"), "spec.heldOut.uri",
                         required=False)
     if preparation is not None:
@@ -395,7 +401,7 @@ def parse_lineage(resource: Mapping[str, Any]) -> LineageSpec:
         store_uri=_uri(_get(_get(spec, "spec", "store") or {}, "spec.store", "uri"), "spec.store.uri", required=False),
         retain_uris=_uri_list(_get(_get(spec, "spec", "retain") or {}, "spec.retain", "works"), "spec.retain.works"),
         held_out_uri=held_out_uri,
-        evaluation=parse_evaluation(spec.get("evaluation")),
+        evaluation=evaluation,
         collapse_guard=guard,
         preparation=preparation,
         on_failure=_enum(spec.get("onFailure"), "spec.onFailure", ON_FAILURE_POLICIES, "Halt"),
