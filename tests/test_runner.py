@@ -96,3 +96,14 @@ def test_rerun_after_collapse_reuses_committed_step(tmp_path, monkeypatch):
     assert store.read_step("0001-r1") == committed
     assert [m["step_id"] for m in store.list_steps()] == ["0001-r1"]
     assert store.head() is None
+
+
+def test_quick_run_writes_to_its_own_directory(tmp_path, capsys):
+    from lethe_trainer.cli import main
+
+    # The file is missing, so the run stops before any work; the directories are made first.
+    assert main(["run", str(tmp_path / "missing.yaml"), "--output", str(tmp_path / "out"), "--quick"]) == 2
+    assert (tmp_path / "out" / "quick").is_dir()
+    assert main(["run", str(tmp_path / "missing.yaml"), "--output", str(tmp_path / "full")]) == 2
+    assert not (tmp_path / "full" / "quick").exists()
+    assert "missing.yaml" in capsys.readouterr().err

@@ -25,6 +25,9 @@ def _run(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     output = args.output.resolve()
+    if args.quick:
+        # Smoke-test figures must never be resumed by a full run, so they get their own directory and store.
+        output = output / "quick"
     output.mkdir(parents=True, exist_ok=True)
     store_uri = args.store or (output / "store").as_uri()
 
@@ -112,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--store", help="store URI for lineages without spec.store (default: OUTPUT/store)")
     run.add_argument("--output", type=Path, default=Path("lethe-output"),
                      help="directory for the store, plots and figures (default: ./lethe-output)")
-    run.add_argument("--quick", action="store_true", help="smoke-test sizes: 4 chunks per set, short continuations")
+    run.add_argument("--quick", action="store_true", help="smoke-test sizes: 4 chunks per set, short continuations; "
+                                                             "written to OUTPUT/quick")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.set_defaults(func=_run)
 
