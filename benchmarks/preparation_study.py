@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--kl-weight", type=float, default=0.0)
     parser.add_argument("--lora-rank", type=int)
     parser.add_argument("--target-modules", help="comma-separated module names")
-    parser.add_argument("--probe", type=int, default=8, help="scored chunks per work scored after each epoch")
+    parser.add_argument("--probe", type=int, default=8, help="scored chunks of each work to score after every epoch")
     parser.add_argument("--merge-fractions", default="", help="comma-separated fractions of the final adapter")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -37,7 +37,7 @@ def _training_chunks(lineage, tokenizer):
     return chunks
 
 
-def test_kl_text_never_contains_a_scored_retain_chunk(setting):
+def test_kl_text_excludes_scored_chunks(setting):
     lineage, _, tokenizer = setting
     scored, _ = retain_set(lineage, tokenizer)
     texts = kl_retain_texts(lineage, tokenizer, scored)
@@ -70,18 +70,18 @@ def _divergence_after(lineage, model_directory, tokenizer, weight: float, texts)
     return total / len(texts)
 
 
-def test_kl_term_keeps_outputs_closer_to_base(setting):
+def test_kl_term_stays_near_base(setting):
     lineage, model_directory, tokenizer = setting
     scored, _ = retain_set(lineage, tokenizer)
     texts = kl_retain_texts(lineage, tokenizer, scored)
     free = _divergence_after(lineage, model_directory, tokenizer, 0.0, texts)
-    held = _divergence_after(lineage, model_directory, tokenizer, 500.0, texts)
+    regularised = _divergence_after(lineage, model_directory, tokenizer, 500.0, texts)
     assert free > 0
     # Measured: 0.0117 without the term, 0.0005 with weight 500 (0.0037 at 100).
-    assert held < 0.25 * free
+    assert regularised < 0.25 * free
 
 
-def test_kl_to_base_is_zero_for_an_untouched_adapter(setting):
+def test_kl_zero_for_fresh_adapter(setting):
     lineage, model_directory, tokenizer = setting
     from peft import LoraConfig, get_peft_model
 
@@ -92,7 +92,7 @@ def test_kl_to_base_is_zero_for_an_untouched_adapter(setting):
     assert float(_kl_to_base(model, ids, torch.device("cpu"))) == pytest.approx(0.0, abs=1e-7)
 
 
-def test_on_epoch_sees_each_epoch_in_eval_mode(setting):
+def test_epoch_hook_runs_in_eval_mode(setting):
     lineage, model_directory, tokenizer = setting
     preparation = dataclasses.replace(lineage.preparation, epochs=3)
     model = load_model(model_directory, device=torch.device("cpu"))
@@ -110,7 +110,7 @@ def test_on_epoch_sees_each_epoch_in_eval_mode(setting):
     assert all(e["mean_kl"] >= 0 for e in report["epochs"])
 
 
-def test_merge_fraction_scales_the_merged_update(setting):
+def test_merge_fraction_scales_update(setting):
     lineage, model_directory, tokenizer = setting
     chunks = _training_chunks(lineage, tokenizer)
     base = load_model(model_directory, device=torch.device("cpu")).state_dict()

@@ -57,8 +57,8 @@ def memorise(model, tokenizer, chunks: Sequence[Chunk], preparation: Preparation
     examples = [build_example(tokenizer, c.prompt_ids, c.continuation_ids) for c in chunks]
     use_kl = preparation.retain_kl_weight > 0 and len(retain_texts) > 0
     if preparation.retain_kl_weight > 0 and not retain_texts:
-        logger.warning("retainKlWeight is %g but there is no retain text to keep close to the base; "
-                       "memorising without the KL term", preparation.retain_kl_weight)
+        logger.warning("retainKlWeight is %g, but the lineage has no retain text, so the preparation memorises "
+                       "without the KL term. Add spec.retain works to use it.", preparation.retain_kl_weight)
     rng = random.Random(seed)
     steps_per_epoch = (len(examples) + preparation.batch_size - 1) // preparation.batch_size
     progress = tqdm(total=steps_per_epoch * preparation.epochs, desc="memorising works", unit="step",
